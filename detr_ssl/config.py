@@ -1,0 +1,237 @@
+"""Command-line and YAML configuration: defaults <- YAML (``--config``) <- CLI flags.
+
+Flag names and defaults follow the official DETR code so that its commands keep working;
+YAML keys are the same names. Values that depend on the model (learning rate, query count...)
+default to ``None`` and are filled in from ``MODEL_DEFAULTS`` after parsing, so that a
+YAML file or a flag always wins over the model default.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+MODELS = ("detr",)
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+DATASETS = ("coco",)
+
+# Official per-model defaults (DETR main.py), applied where the user gave no value.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "detr": {
+        "lr": 1e-4,
+        "lr_backbone": 1e-5,
+        "epochs": 300,
+        "lr_drop": 200,
+        "num_queries": 100,
+        "dim_feedforward": 2048,
+        "set_cost_class": 1.0,
+    },
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults, but say 'model default' instead of 'None' for model-dependent ones."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None and action.dest in MODEL_DEFAULTS["detr"]:
+            per_model = ", ".join(f"{m}: {d[action.dest]}" for m, d in MODEL_DEFAULTS.items())
+            return f"{action.help} (default: {per_model})"
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The one parser: every flag, its type, default and help text."""
+    parser = argparse.ArgumentParser(
+        prog="main.py",
+        description="Train and evaluate DETR-family detectors with self-supervised pretext tasks.\n"
+        "With no arguments, runs the demo (configs/demo.yaml) on data/sample.",
+        formatter_class=_HelpFormatter,
+    )
+    add = parser.add_argument
+    bool_flag = argparse.BooleanOptionalAction
+
+    g = parser.add_argument_group("run")
+    add = g.add_argument
+    add("--config", type=str, default=None, help="YAML file of flag values; CLI flags override it")
+    add("--model", type=str, default="detr", choices=MODELS, help="detector architecture")
+    add("--output_dir", type=str, default="", help="where checkpoints, config, results and logs go ('' = save nothing)")
+    add("--device", type=str, default="cuda", help="'cuda', 'cpu' or 'cuda:N'; falls back to CPU with a warning when CUDA is absent")
+    add("--seed", type=int, default=42, help="random seed (each process adds its rank)")
+    add("--resume", type=str, default="", help="checkpoint to continue from (model, optimizer, scheduler, epoch, RNG)")
+    add("--start_epoch", type=int, default=0, metavar="N", help="first epoch number (overridden by --resume)")
+    add("--eval", action="store_true", help="only evaluate (usually with --resume)")
+    add("--num_workers", type=int, default=2, help="data-loading worker processes per training process")
+    add("--deterministic", action="store_true", help="bit-reproducible CPU runs (deterministic algorithms, seeded workers)")
+    add("--tensorboard", action=bool_flag, default=True, help="write TensorBoard event files to OUTPUT_DIR/tensorboard")
+    add("--keep_last", type=int, default=2, metavar="K", help="also keep the last K per-epoch checkpoints checkpointNNNN.pth (0: only checkpoint.pth)")
+    add("--limit_train_batches", type=int, default=None, metavar="N", help="at most N training batches per epoch (smoke runs, tests)")
+    add("--limit_val_batches", type=int, default=None, metavar="N", help="at most N evaluation batches")
+
+    g = parser.add_argument_group("model")
+    add = g.add_argument
+    add("--backbone", type=str, default="resnet50", choices=BACKBONES, help="torchvision ResNet")
+    add("--backbone_weights", type=str, default="imagenet", metavar="{imagenet,none,PATH}",
+        help="'imagenet' (torchvision download, cached), 'none' (random init) or a local .pth state dict")
+    add("--dilation", action="store_true", help="replace the stride of the last ResNet stage by dilation (DC5)")
+    add("--position_embedding", type=str, default="sine", choices=("sine", "learned"), help="encoding on top of the image features")
+    add("--enc_layers", type=int, default=6, help="encoder layers")
+    add("--dec_layers", type=int, default=6, help="decoder layers")
+    add("--dim_feedforward", type=int, default=None, help="FFN width in the transformer blocks")
+    add("--hidden_dim", type=int, default=256, help="transformer width")
+    add("--dropout", type=float, default=0.1, help="dropout in the transformer")
+    add("--nheads", type=int, default=8, help="attention heads")
+    add("--num_queries", type=int, default=None, help="object queries")
+    add("--pre_norm", action="store_true", help="pre-norm transformer layers (LayerNorm before attention/FFN)")
+    add("--aux_loss", action=bool_flag, default=True, help="losses on every decoder layer (--no-aux_loss: last only)")
+    add("--no_aux_loss", dest="aux_loss", action="store_false", help="same as --no-aux_loss (official DETR spelling)")
+    add("--num_classes", type=int, default=None,
+        help="classifier size = largest category id + 1; default: from the data (COCO: 91, as the official code)")
+
+    g = parser.add_argument_group("matcher and loss")
+    add = g.add_argument
+    add("--set_cost_class", type=float, default=None, help="class cost in the Hungarian matcher")
+    add("--set_cost_bbox", type=float, default=5.0, help="L1 box cost in the matcher")
+    add("--set_cost_giou", type=float, default=2.0, help="GIoU cost in the matcher")
+    add("--bbox_loss_coef", type=float, default=5.0, help="weight of the L1 box loss")
+    add("--giou_loss_coef", type=float, default=2.0, help="weight of the GIoU loss")
+    add("--eos_coef", type=float, default=0.1, help="relative classification weight of the no-object class")
+
+    g = parser.add_argument_group("optimisation")
+    add = g.add_argument
+    add("--lr", type=float, default=None, help="AdamW learning rate of the transformer and heads")
+    add("--lr_backbone", type=float, default=None, help="backbone learning rate (0 freezes the backbone)")
+    add("--batch_size", type=int, default=2, help="images per process and step")
+    add("--accum_steps", type=int, default=1, help="accumulate gradients over N batches before each optimizer step")
+    add("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    add("--epochs", type=int, default=None, help="training epochs")
+    add("--lr_drop", type=int, default=None, help="multiply the learning rates by 0.1 after this many epochs")
+    add("--clip_max_norm", type=float, default=0.1, help="gradient clipping max norm (0: no clipping)")
+
+    g = parser.add_argument_group("data")
+    add = g.add_argument
+    add("--dataset_file", type=str, default="coco", choices=DATASETS,
+        help="coco: COCO-json detection data (official COCO 2017 layout, or ROOT/{train,val}/ + ROOT/annotations/instances_{train,val}.json)")
+    add("--data_path", type=str, default=None, help="dataset root (see README: data layout)")
+    add("--coco_path", type=str, default=None, help="alias of --data_path (official DETR flag name)")
+    add("--train_split", type=str, default="train", help="split used for training (folder and json name)")
+    add("--val_split", type=str, default="val", help="split used for evaluation ('train' = an overfitting check)")
+    add("--min_size", type=int, default=800,
+        help="shorter image side at evaluation and the largest training scale; the official scales 480..800 are multiplied by MIN_SIZE/800")
+    add("--max_size", type=int, default=1333, help="cap on the longer image side")
+    add("--augment", action=bool_flag, default=True, help="official DETR training augmentation (flip, multi-scale resize, random crop)")
+    add("--filter_empty", action="store_true", help="drop training images without annotations (kept by default: they teach 'no object')")
+    add("--max_dets", type=int, default=100, help="detections kept per image and COCOeval's largest maxDets")
+    return parser
+
+
+def _check_yaml_value(parser: argparse.ArgumentParser, action: argparse.Action, value: Any, where: str) -> Any:
+    """Type- and choice-check one YAML value against its flag; return it converted."""
+    key = action.dest
+
+    def fail(why: str) -> None:
+        parser.error(f"{where}: key '{key}': {why}")
+
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            fail(f"expected true or false, got {value!r}")
+        return value
+    if value is None:
+        return None
+    expected = action.type or str
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected in (int, float, str) and (not isinstance(value, expected) or isinstance(value, bool)):
+        fail(f"expected {expected.__name__}, got {type(value).__name__} {value!r}")
+    if action.choices is not None and value not in action.choices:
+        fail(f"{value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def load_yaml_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """Read a YAML config, refusing unknown keys and ill-typed values by name."""
+    file = Path(path)
+    if not file.is_file():
+        parser.error(f"--config: file not found: {path}")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        parser.error(f"{path}: not valid YAML: {err}")
+    if not isinstance(data, dict):
+        parser.error(f"{path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    values = {}
+    for key, value in data.items():
+        if key not in actions:
+            close = [k for k in actions if k.split("_")[0] == str(key).split("_")[0]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            parser.error(f"{path}: unknown key '{key}'{hint}; keys are the flag names of `main.py --help`")
+        values[key] = _check_yaml_value(parser, actions[key], value, path)
+    return values
+
+
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject impossible values before any work starts, naming the flag."""
+    positive = ["lr", "batch_size", "epochs", "hidden_dim", "nheads", "num_queries", "dim_feedforward",
+                "accum_steps", "min_size", "max_size", "max_dets"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
+    non_negative = ["lr_backbone", "weight_decay", "clip_max_norm", "num_workers", "keep_last", "start_epoch",
+                    "enc_layers", "set_cost_class", "set_cost_bbox", "set_cost_giou", "eos_coef",
+                    "bbox_loss_coef", "giou_loss_coef", "lr_drop"]
+    for name in non_negative:
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.dec_layers < 1:
+        parser.error(f"--dec_layers must be >= 1, got {args.dec_layers}")
+    for name in ("limit_train_batches", "limit_val_batches", "num_classes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1 when given, got {value}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.hidden_dim % args.nheads:
+        parser.error(f"--hidden_dim ({args.hidden_dim}) must be divisible by --nheads ({args.nheads})")
+    if args.position_embedding == "sine" and args.hidden_dim % 2:
+        parser.error(f"--hidden_dim must be even for the sine position embedding, got {args.hidden_dim}")
+    if args.max_size < args.min_size:
+        parser.error(f"--max_size ({args.max_size}) must be >= --min_size ({args.min_size})")
+    if args.set_cost_class == args.set_cost_bbox == args.set_cost_giou == 0:
+        parser.error("the matcher costs --set_cost_class/--set_cost_bbox/--set_cost_giou cannot all be 0")
+    if args.backbone_weights not in ("imagenet", "none") and not Path(args.backbone_weights).is_file():
+        parser.error(f"--backbone_weights: expected 'imagenet', 'none' or an existing file, got {args.backbone_weights!r}")
+    if args.resume and not args.resume.startswith(("http://", "https://")) and not Path(args.resume).is_file():
+        parser.error(f"--resume: checkpoint not found: {args.resume}")
+    if args.data_path and args.coco_path and args.data_path != args.coco_path:
+        parser.error(f"--data_path ({args.data_path}) and --coco_path ({args.coco_path}) disagree; give one")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) into a validated, fully resolved namespace.
+
+    Order of precedence: parser defaults < model defaults < YAML ``--config`` < CLI flags.
+    """
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_yaml_config(parser, pre.config))
+    args = parser.parse_args(argv)
+    for key, value in MODEL_DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.data_path = args.data_path or args.coco_path
+    args.coco_path = args.data_path
+    _validate(parser, args)
+    return args
+
+
+def save_config(args: argparse.Namespace, path: str | os.PathLike) -> None:
+    """Write the resolved configuration as YAML that ``--config`` reads back."""
+    values = {k: v for k, v in sorted(vars(args).items()) if k != "config"}
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
