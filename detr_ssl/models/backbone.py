@@ -1,0 +1,125 @@
+"""ResNet backbone with frozen BatchNorm, multi-scale outputs and offline-friendly weights.
+
+The module tree (``backbone.0.body.*`` for the ResNet, ``backbone.1`` for the position
+encoding) matches the official DETR code so that official checkpoints load strictly.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FrozenBatchNorm2d
+
+from ..utils.misc import NestedTensor
+
+logger = logging.getLogger("detr_ssl")
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+STAGE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+
+
+class BackboneWeightsError(RuntimeError):
+    """The requested backbone weights cannot be obtained or do not fit."""
+
+
+def _imagenet_state_dict(name: str) -> dict[str, Tensor]:
+    """torchvision's ImageNet weights (IMAGENET1K_V1, as the official DETR), from cache or download."""
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; hash mismatch a RuntimeError
+        raise BackboneWeightsError(
+            f"could not get ImageNet weights for {name} ({err}).\n"
+            f"Offline? Download {weights.url} on a machine with internet and pass "
+            f"--backbone_weights /path/to/{Path(weights.url).name}, or use --backbone_weights none "
+            "to start from random weights."
+        ) from err
+
+
+def _file_state_dict(path: str) -> dict[str, Tensor]:
+    """A torchvision-style ResNet state dict from a local file (optionally under 'model'/'state_dict')."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise BackboneWeightsError(f"--backbone_weights: file not found: {path}") from err
+    except Exception as err:  # unpickling refused or corrupt file
+        raise BackboneWeightsError(f"--backbone_weights {path}: cannot be loaded safely ({err})") from err
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise BackboneWeightsError(f"--backbone_weights {path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def build_resnet(name: str, weights: str, dilation: bool) -> nn.Module:
+    """A torchvision ResNet with FrozenBatchNorm2d and the requested weights ('imagenet', 'none', path)."""
+    resnet = getattr(torchvision.models, name)(
+        weights=None, norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, dilation]
+    )
+    if weights == "none":
+        return resnet
+    state = _imagenet_state_dict(name) if weights == "imagenet" else _file_state_dict(weights)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    expected = {k: v.shape for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k])}"
+                 for k, v in state.items() if k in expected and v.shape != expected[k]]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
+        raise BackboneWeightsError(f"--backbone_weights {weights} does not fit {name}: {shown}")
+    resnet.load_state_dict(state, strict=False)
+    logger.info("backbone %s: loaded %s weights", name, weights)
+    return resnet
+
+
+class Backbone(nn.Module):
+    """ResNet body returning the feature maps of the requested stages, with downsampled masks.
+
+    Only ``layer2``-``layer4`` train (as the official code); ``train_backbone=False`` freezes all.
+    """
+
+    def __init__(self, resnet: nn.Module, train_backbone: bool, return_stages: tuple[str, ...], dilation: bool):
+        super().__init__()
+        for name, parameter in resnet.named_parameters():
+            trainable = train_backbone and any(stage in name for stage in ("layer2", "layer3", "layer4"))
+            parameter.requires_grad_(trainable)
+        self.body = IntermediateLayerGetter(resnet, return_layers={s: str(i) for i, s in enumerate(return_stages)})
+        final_channels = resnet.fc.in_features
+        self.num_channels = [final_channels // 2 ** (len(STAGES) - 1 - STAGES.index(s)) for s in return_stages]
+        self.strides = [STAGE_STRIDES[s] // (2 if dilation and s == "layer4" else 1) for s in return_stages]
+
+    def forward(self, samples: NestedTensor) -> list[NestedTensor]:
+        features = self.body(samples.tensors)
+        out = []
+        for feature in features.values():
+            mask = F.interpolate(samples.mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
+            out.append(NestedTensor(feature, mask))
+        return out
+
+
+class Joiner(nn.Sequential):
+    """Backbone (index 0) and position encoding (index 1): the official module layout."""
+
+    def __init__(self, backbone: Backbone, position_embedding: nn.Module):
+        super().__init__(backbone, position_embedding)
+        self.num_channels = backbone.num_channels
+        self.strides = backbone.strides
+
+    def forward(self, samples: NestedTensor) -> tuple[list[NestedTensor], list[Tensor]]:
+        features = self[0](samples)
+        positions = [self[1](f).to(f.tensors.dtype) for f in features]
+        return features, positions
+
+
+def build_backbone(args, position_embedding: nn.Module, return_stages: tuple[str, ...] = ("layer4",)) -> Joiner:
+    """Build the ResNet named by ``--backbone`` with ``--backbone_weights`` and ``--dilation``."""
+    resnet = build_resnet(args.backbone, args.backbone_weights, args.dilation)
+    backbone = Backbone(resnet, train_backbone=args.lr_backbone > 0, return_stages=return_stages, dilation=args.dilation)
+    return Joiner(backbone, position_embedding)

@@ -1,0 +1,125 @@
+"""The DETR set criterion: match, then classification, box L1 and GIoU losses (+ auxiliary layers).
+
+Loss names and values follow the official code (``loss_ce``, ``loss_bbox``, ``loss_giou``,
+``class_error``, ``cardinality_error``, suffixed ``_0``..``_{L-2}`` for auxiliary decoder layers).
+``weight_dict`` says which entries count in the total loss and with what weight.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import generalized_box_iou_loss
+
+from ..utils.box_ops import cxcywh_to_xyxy
+from .matcher import HungarianMatcher
+
+Indices = list[tuple[Tensor, Tensor]]
+
+
+def matched_query_index(indices: Indices) -> tuple[Tensor, Tensor]:
+    """(batch index, query index) of every matched prediction, image after image."""
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    query_idx = torch.cat([src for src, _ in indices])
+    return batch_idx, query_idx
+
+
+def average_num_boxes(targets: list[dict[str, Tensor]], device: torch.device) -> float:
+    """Target boxes per process, averaged over processes and at least 1 (the loss normaliser)."""
+    num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+    world_size = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(num_boxes)
+        world_size = dist.get_world_size()
+    return torch.clamp(num_boxes / world_size, min=1).item()
+
+
+class SetCriterion(nn.Module):
+    """Hungarian-matched set losses for DETR (softmax classification with a no-object class)."""
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
+                 eos_coef: float, losses: tuple[str, ...] = ("labels", "boxes", "cardinality")):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = weight_dict
+        self.eos_coef = eos_coef
+        self.losses = losses
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = eos_coef
+        self.register_buffer("empty_weight", empty_weight)
+
+    def loss_labels(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float,
+                    log: bool = True) -> dict[str, Tensor]:
+        """Cross-entropy over classes + no-object (weighted by ``eos_coef``); logs class_error."""
+        logits = outputs["pred_logits"]
+        idx = matched_query_index(indices)
+        matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
+        target_classes[idx] = matched_labels
+        losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)}
+        if log:
+            losses["class_error"] = 100 - top1_accuracy(logits[idx], matched_labels)
+        return losses
+
+    @torch.no_grad()
+    def loss_cardinality(self, outputs: dict, targets: list[dict], indices: Indices,
+                         num_boxes: float) -> dict[str, Tensor]:
+        """L1 error in the number of non-empty predictions; logged only, it has no gradient."""
+        logits = outputs["pred_logits"]
+        target_counts = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
+        predicted_counts = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
+        return {"cardinality_error": F.l1_loss(predicted_counts.float(), target_counts.float())}
+
+    def loss_boxes(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float) -> dict[str, Tensor]:
+        """L1 and GIoU losses of matched boxes, each summed and divided by the number of targets."""
+        src_boxes = outputs["pred_boxes"][matched_query_index(indices)]
+        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none").sum() / num_boxes
+        # eps=0: the official formula exactly; torchvision's default eps shifts tiny boxes' loss by eps/area
+        loss_giou = generalized_box_iou_loss(cxcywh_to_xyxy(src_boxes), cxcywh_to_xyxy(target_boxes),
+                                             reduction="sum", eps=0.0)
+        return {"loss_bbox": loss_bbox, "loss_giou": loss_giou / num_boxes}
+
+    def get_loss(self, name: str, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float,
+                 **kwargs) -> dict[str, Tensor]:
+        loss_map = {"labels": self.loss_labels, "cardinality": self.loss_cardinality, "boxes": self.loss_boxes}
+        if name not in loss_map:
+            raise ValueError(f"unknown loss {name!r}; known: {sorted(loss_map)}")
+        return loss_map[name](outputs, targets, indices, num_boxes, **kwargs)
+
+    def detection_losses(self, outputs: dict, targets: list[dict], num_boxes: float, suffix: str = "",
+                         log: bool = True) -> dict[str, Tensor]:
+        """All losses of one decoder layer's outputs, keys suffixed for auxiliary layers."""
+        indices = self.matcher(outputs, targets)
+        losses = {}
+        for name in self.losses:
+            kwargs = {"log": log} if name == "labels" else {}
+            losses.update(self.get_loss(name, outputs, targets, indices, num_boxes, **kwargs))
+        return {key + suffix: value for key, value in losses.items()}
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
+        losses = self.detection_losses(outputs, targets, num_boxes)
+        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
+            losses.update(self.detection_losses(aux_outputs, targets, num_boxes, suffix=f"_{i}", log=False))
+        return losses
+
+
+@torch.no_grad()
+def top1_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Percentage of rows whose arg-max is the label (0 when there are no rows, as the official code)."""
+    if labels.numel() == 0:
+        return torch.zeros([], device=logits.device)
+    return (logits.argmax(-1) == labels).float().mean() * 100
+
+
+def detection_weight_dict(args) -> dict[str, float]:
+    """Loss weights for the last decoder layer and, with ``--aux_loss``, each earlier one."""
+    last_layer = {"loss_ce": 1.0, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    weights = dict(last_layer)
+    if args.aux_loss:
+        for i in range(args.dec_layers - 1):
+            weights.update({f"{key}_{i}": value for key, value in last_layer.items()})
+    return weights

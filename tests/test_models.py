@@ -1,0 +1,126 @@
+"""Model structure: official state-dict layout, inputs, outputs, backbone weights."""
+from __future__ import annotations
+
+import csv
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from detr_ssl.config import parse_args
+from detr_ssl.models import build_model
+from detr_ssl.models.backbone import BackboneWeightsError, build_resnet
+from detr_ssl.utils.misc import nested_tensor_from_tensor_list
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "data" / "sample" / "train"
+TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--nheads", "2",
+        "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64", "--num_queries", "7"]
+
+
+def read_manifest(name: str) -> dict[str, tuple[int, ...]]:
+    path = REFERENCE / name
+    if not path.is_file():
+        pytest.skip(f"reference manifest {path} not available")
+    with open(path) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return {r["key"]: tuple(int(d) for d in r["shape"].split("x")) if r["shape"] else () for r in rows}
+
+
+@pytest.fixture(scope="module")
+def coco_images() -> list[torch.Tensor]:
+    """Real photos from the sample, normalised like the data pipeline does."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    images = []
+    for path in sorted(SAMPLE_IMAGES.glob("*.jpg"))[:2]:
+        image = TF.to_dtype(TF.pil_to_tensor(Image.open(path).convert("RGB")), torch.float32, scale=True)
+        images.append(TF.normalize(image, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
+    assert len(images) == 2, f"sample images missing under {SAMPLE_IMAGES}"
+    return images
+
+
+def test_detr_r50_state_dict_equals_official_manifest(tmp_path):
+    manifest = read_manifest("detr_r50.tsv")
+    model, _, _ = build_model(parse_args(["--backbone_weights", "none"]))
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == manifest
+
+    # An "official" checkpoint: tensors of the listed shapes, loaded strictly, saved and re-read.
+    generator = torch.Generator().manual_seed(0)
+    official = {k: torch.randn(shape, generator=generator) for k, shape in manifest.items()}
+    model.load_state_dict(official, strict=True)
+    torch.save({"model": model.state_dict()}, tmp_path / "ckpt.pth")
+    reloaded = torch.load(tmp_path / "ckpt.pth", weights_only=True)["model"]
+    assert list(reloaded) == list(model.state_dict())
+    assert all(torch.equal(reloaded[k], official[k]) for k in manifest)
+
+
+def test_options_change_the_layout_as_the_official_code():
+    model, _, _ = build_model(parse_args(TINY + ["--pre_norm", "--position_embedding", "learned", "--num_classes", "5"]))
+    keys = model.state_dict()
+    assert "transformer.encoder.norm.weight" in keys  # pre-norm adds a final encoder norm
+    assert keys["backbone.1.row_embed.weight"].shape == (50, 16)
+    assert keys["class_embed.weight"].shape == (6, 32)  # num_classes + no-object
+    assert keys["input_proj.weight"].shape == (32, 512, 1, 1)  # resnet18's last stage has 512 channels
+
+
+def test_only_layers_2_to_4_train_and_lr_backbone_0_freezes_all():
+    model, _, _ = build_model(parse_args(TINY))
+    trainable = {n.split(".")[2] for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}
+    frozen, _, _ = build_model(parse_args(TINY + ["--lr_backbone", "0"]))
+    assert not any(p.requires_grad for p in frozen.backbone.parameters())
+
+
+def test_forward_accepts_lists_and_nested_tensors(coco_images):
+    torch.manual_seed(0)
+    model, _, _ = build_model(parse_args(TINY))
+    model.eval()
+    images = coco_images[:2]
+    with torch.no_grad():
+        from_list = model(images)
+        from_nested = model(nested_tensor_from_tensor_list(images))
+    assert from_list["pred_logits"].shape == (2, 7, 92)
+    assert from_list["pred_boxes"].shape == (2, 7, 4)
+    assert len(from_list["aux_outputs"]) == 1
+    assert torch.equal(from_list["pred_boxes"], from_nested["pred_boxes"])
+    assert ((from_list["pred_boxes"] >= 0) & (from_list["pred_boxes"] <= 1)).all()
+
+
+def test_padding_does_not_change_an_images_predictions(coco_images):
+    """The mask keeps padded pixels out of attention: an image alone == the same image in a bigger batch."""
+    torch.manual_seed(0)
+    model, _, _ = build_model(parse_args(TINY))
+    model.eval()
+    small, large = coco_images[0][:, :256, :320], coco_images[1]
+    with torch.no_grad():
+        alone = model([small])["pred_logits"][0]
+        batched = model([small, large])["pred_logits"][0]
+    assert torch.allclose(alone, batched, atol=1e-4)
+
+
+def test_backbone_weights_from_a_local_file(tmp_path):
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    resnet = build_resnet("resnet18", str(tmp_path / "r18.pth"), dilation=False)
+    assert torch.equal(resnet.conv1.weight, reference.conv1.weight)
+    assert torch.equal(resnet.layer1[0].bn1.running_var, reference.layer1[0].bn1.running_var)
+
+
+def test_backbone_weights_that_do_not_fit_are_named(tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(BackboneWeightsError, match="does not fit resnet50"):
+        build_resnet("resnet50", str(tmp_path / "r18.pth"), dilation=False)
+
+
+def test_offline_imagenet_download_gives_a_clear_message(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(BackboneWeightsError, match="--backbone_weights none"):
+        build_resnet("resnet18", "imagenet", dilation=False)
