@@ -178,13 +178,13 @@ def load_yaml_config(parser: argparse.ArgumentParser, path: str) -> dict[str, An
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject impossible values before any work starts, naming the flag."""
     positive = ["lr", "batch_size", "epochs", "hidden_dim", "nheads", "num_queries", "dim_feedforward",
-                "accum_steps", "min_size", "max_size", "max_dets"]
+                "accum_steps", "min_size", "max_size", "max_dets", "lr_drop"]
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
     non_negative = ["lr_backbone", "weight_decay", "clip_max_norm", "num_workers", "keep_last", "start_epoch",
                     "enc_layers", "set_cost_class", "set_cost_bbox", "set_cost_giou", "eos_coef",
-                    "bbox_loss_coef", "giou_loss_coef", "lr_drop"]
+                    "bbox_loss_coef", "giou_loss_coef"]
     for name in non_negative:
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")

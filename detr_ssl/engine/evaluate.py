@@ -1,0 +1,163 @@
+"""Evaluation: validation losses and COCO box AP with pycocotools."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable
+from contextlib import redirect_stdout
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+from tqdm import tqdm
+
+from detr_ssl.engine.train import Targets, batch_limit, image_ids, logged_losses, to_device
+from detr_ssl.utils.dist import all_gather_object, is_main_process
+from detr_ssl.utils.logging import MetricTracker, TensorBoardLogger
+from detr_ssl.utils.misc import NestedTensor
+
+Detections = dict[int, list[dict[str, Any]]]
+TENSORBOARD_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+# The 12 standard COCO box metrics: (AP or AR, IoU threshold or None for 0.50:0.95, area range,
+# index into the sorted maxDets). pycocotools' own summarize() fixes maxDets=100 for the first AP,
+# so it cannot honour --max_dets; these rows do the same computation with any maxDets.
+_SUMMARY_ROWS = (
+    ("AP", None, "all", 2), ("AP", 0.5, "all", 2), ("AP", 0.75, "all", 2),
+    ("AP", None, "small", 2), ("AP", None, "medium", 2), ("AP", None, "large", 2),
+    ("AR", None, "all", 0), ("AR", None, "all", 1), ("AR", None, "all", 2),
+    ("AR", None, "small", 2), ("AR", None, "medium", 2), ("AR", None, "large", 2),
+)
+
+
+def coco_max_dets(max_dets: int) -> list[int]:
+    """COCOeval's maxDets for ``--max_dets``, in the sorted order COCOeval.evaluate() uses."""
+    return sorted([1, 10, max_dets])
+
+
+def stat_names(max_dets: int) -> list[str]:
+    """Names of the 12 COCO box metrics, in the order of ``coco_eval_bbox``."""
+    few, some, most = coco_max_dets(max_dets)
+    return ["AP", "AP50", "AP75", "APs", "APm", "APl", f"AR{few}", f"AR{some}", f"AR{most}", "ARs", "ARm", "ARl"]
+
+
+def to_coco_results(image_id: int, detection: dict[str, Tensor], max_dets: int) -> list[dict[str, Any]]:
+    """The ``max_dets`` best-scoring boxes of one image in the COCO results format (xywh)."""
+    scores, order = detection["scores"].topk(min(max_dets, len(detection["scores"])))
+    boxes = box_convert(detection["boxes"][order], "xyxy", "xywh")
+    labels = detection["labels"][order]
+    return [
+        {"image_id": image_id, "category_id": label, "bbox": box, "score": score}
+        for label, box, score in zip(labels.tolist(), boxes.tolist(), scores.tolist())
+    ]
+
+
+def _merge(per_process: list[Detections]) -> Detections:
+    """Union of the processes' detections; an image that a distributed sampler padded in twice
+    is counted once."""
+    merged: Detections = {}
+    for detections in per_process:
+        for image_id, results in detections.items():
+            merged.setdefault(image_id, results)
+    return merged
+
+
+def coco_bbox_stats(coco_gt: COCO, detections: Detections, max_dets: int, logger: logging.Logger) -> list[float]:
+    """COCOeval's 12 box metrics over exactly the images in ``detections``, table logged.
+
+    No detections at all gives zeros (pycocotools cannot load an empty result list); images
+    without ground truth give pycocotools' -1 ("undefined").
+    """
+    results = [dict(result) for results in detections.values() for result in results]
+    if not results:
+        logger.warning("no detections in the %d evaluated images: every COCO metric is 0", len(detections))
+        return [0.0] * 12
+    image_ids = sorted(detections)
+    if not coco_gt.getAnnIds(imgIds=image_ids):
+        logger.warning("no ground-truth boxes in the %d evaluated images: COCO metrics are undefined (-1)", len(image_ids))
+    with redirect_stdout(io.StringIO()):
+        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+        coco_eval.params.imgIds = image_ids
+        coco_eval.params.maxDets = coco_max_dets(max_dets)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    stats, lines = zip(*(_summary_row(coco_eval, *row) for row in _SUMMARY_ROWS))
+    logger.info("COCO box metrics on %d images:\n%s", len(image_ids), "\n".join(lines))
+    return list(stats)
+
+
+def _summary_row(coco_eval: COCOeval, kind: str, iou: float | None, area: str, det_index: int) -> tuple[float, str]:
+    """One COCO metric (mean over the valid entries, -1 if none) and its line in the usual table."""
+    params = coco_eval.params
+    values = coco_eval.eval["precision" if kind == "AP" else "recall"]  # [T, (R,) K, A, M]
+    if iou is not None:
+        values = values[np.isclose(params.iouThrs, iou)]
+    values = values[..., params.areaRngLbl.index(area), det_index]
+    valid = values[values > -1]
+    stat = float(valid.mean()) if valid.size else -1.0
+    title = "Average Precision  (AP)" if kind == "AP" else "Average Recall     (AR)"
+    iou_text = f"{params.iouThrs[0]:0.2f}:{params.iouThrs[-1]:0.2f}" if iou is None else f"{iou:0.2f}"
+    line = f" {title} @[ IoU={iou_text:<9} | area={area:>6} | maxDets={params.maxDets[det_index]:>3d} ] = {stat:0.3f}"
+    return stat, line
+
+
+def _write_results(path: Path, detections: Detections) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([result for results in detections.values() for result in results]))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    criterion: nn.Module,
+    postprocessors: dict[str, nn.Module],
+    data_loader: Iterable[tuple[NestedTensor, Targets]],
+    coco_gt: COCO,
+    device: torch.device | str,
+    args: argparse.Namespace,
+    output_dir: str | os.PathLike | None,
+    epoch: int,
+    tb: TensorBoardLogger,
+    logger: logging.Logger,
+) -> dict[str, Any]:
+    """Validation losses and COCO box metrics; the same dict is returned on every process.
+
+    Returns ``{'coco_eval_bbox': [12 stats], 'AP': ..., 'AP50': ..., ..., 'loss': ..., <loss keys>}``
+    and, on the main process, writes ``OUTPUT_DIR/results_{epoch}.json``.
+    """
+    model.eval()
+    criterion.eval()
+    num_batches = batch_limit(data_loader, args.limit_val_batches)
+    meter = MetricTracker()
+    detections: Detections = {}
+    progress = tqdm(islice(data_loader, num_batches), total=num_batches, desc=f"epoch {epoch} val",
+                    disable=not is_main_process(), dynamic_ncols=True, leave=False)
+    for samples, targets in progress:
+        samples, targets = to_device(samples, targets, device)
+        outputs = model(samples)
+        meter.update(logged_losses(criterion(outputs, targets), criterion.weight_dict))
+        orig_sizes = torch.stack([target["orig_size"] for target in targets])
+        for image_id, detection in zip(image_ids(targets), postprocessors["bbox"](outputs, orig_sizes)):
+            detections[image_id] = to_coco_results(image_id, detection, args.max_dets)
+    detections = _merge(all_gather_object(detections))
+    stats = None
+    if is_main_process():
+        if output_dir:
+            _write_results(Path(output_dir) / f"results_{epoch}.json", detections)
+        stats = coco_bbox_stats(coco_gt, detections, args.max_dets, logger)
+    stats = all_gather_object(stats)[0]
+    metrics = dict(zip(stat_names(args.max_dets), stats))
+    tb.scalars({name: metrics[name] for name in TENSORBOARD_METRICS}, epoch, "val")
+    tb.scalars(meter.summary(), epoch, "val")
+    logger.info("epoch %d val: %s", epoch, meter.format())
+    return {"coco_eval_bbox": stats, **metrics, **meter.summary()}
