@@ -68,12 +68,23 @@ def test_options_change_the_layout_as_the_official_code():
     assert keys["input_proj.weight"].shape == (32, 512, 1, 1)  # resnet18's last stage has 512 channels
 
 
-def test_only_layers_2_to_4_train_and_lr_backbone_0_freezes_all():
-    model, _, _ = build_model(parse_args(TINY))
-    trainable = {n.split(".")[2] for n, p in model.backbone.named_parameters() if p.requires_grad}
-    assert trainable == {"layer2", "layer3", "layer4"}
-    frozen, _, _ = build_model(parse_args(TINY + ["--lr_backbone", "0"]))
+def trainable_backbone_parts(model) -> set[str]:
+    return {n.split(".")[2] for n, p in model.backbone.named_parameters() if p.requires_grad}
+
+
+def test_pretrained_backbone_trains_layers_2_to_4_and_lr_backbone_0_freezes_all(tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    pretrained = TINY + ["--backbone_weights", str(tmp_path / "r18.pth")]
+    model, _, _ = build_model(parse_args(pretrained))
+    assert trainable_backbone_parts(model) == {"layer2", "layer3", "layer4"}
+    frozen, _, _ = build_model(parse_args(pretrained + ["--lr_backbone", "0"]))
     assert not any(p.requires_grad for p in frozen.backbone.parameters())
+
+
+def test_backbone_from_scratch_trains_every_layer_and_its_batchnorm():
+    model, _, _ = build_model(parse_args(TINY + ["--backbone_norm", "batch"]))
+    assert trainable_backbone_parts(model) == {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}
+    assert isinstance(model.backbone[0].body.bn1, torch.nn.BatchNorm2d)
 
 
 def test_forward_accepts_lists_and_nested_tensors(coco_images):

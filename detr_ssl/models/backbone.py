@@ -57,10 +57,20 @@ def _file_state_dict(path: str) -> dict[str, Tensor]:
     return state
 
 
-def build_resnet(name: str, weights: str, dilation: bool) -> nn.Module:
-    """A torchvision ResNet with FrozenBatchNorm2d and the requested weights ('imagenet', 'none', path)."""
+NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
+
+
+def build_resnet(name: str, weights: str, dilation: bool, norm: str = "frozen") -> nn.Module:
+    """A torchvision ResNet with the requested weights ('imagenet', 'none', path) and normalisation.
+
+    ``frozen`` (FrozenBatchNorm2d, the official choice) keeps the statistics of pretrained
+    weights; from random weights those statistics are meaningless, so ``batch`` trains them.
+    """
+    if weights == "none" and norm == "frozen":
+        logger.warning("random backbone weights with frozen BatchNorm: its statistics will never adapt; "
+                       "use --backbone_norm batch to train from scratch")
     resnet = getattr(torchvision.models, name)(
-        weights=None, norm_layer=FrozenBatchNorm2d, replace_stride_with_dilation=[False, False, dilation]
+        weights=None, norm_layer=NORM_LAYERS[norm], replace_stride_with_dilation=[False, False, dilation]
     )
     if weights == "none":
         return resnet
@@ -82,13 +92,15 @@ def build_resnet(name: str, weights: str, dilation: bool) -> nn.Module:
 class Backbone(nn.Module):
     """ResNet body returning the feature maps of the requested stages, with downsampled masks.
 
-    Only ``layer2``-``layer4`` train (as the official code); ``train_backbone=False`` freezes all.
+    From pretrained weights only ``layer2``-``layer4`` train (as the official code), from random
+    weights (``pretrained=False``) every layer does; ``train_backbone=False`` freezes all.
     """
 
-    def __init__(self, resnet: nn.Module, train_backbone: bool, return_stages: tuple[str, ...], dilation: bool):
+    def __init__(self, resnet: nn.Module, train_backbone: bool, return_stages: tuple[str, ...], dilation: bool,
+                 pretrained: bool = True):
         super().__init__()
         for name, parameter in resnet.named_parameters():
-            trainable = train_backbone and any(stage in name for stage in ("layer2", "layer3", "layer4"))
+            trainable = train_backbone and (not pretrained or any(s in name for s in ("layer2", "layer3", "layer4")))
             parameter.requires_grad_(trainable)
         self.body = IntermediateLayerGetter(resnet, return_layers={s: str(i) for i, s in enumerate(return_stages)})
         final_channels = resnet.fc.in_features
@@ -119,7 +131,8 @@ class Joiner(nn.Sequential):
 
 
 def build_backbone(args, position_embedding: nn.Module, return_stages: tuple[str, ...] = ("layer4",)) -> Joiner:
-    """Build the ResNet named by ``--backbone`` with ``--backbone_weights`` and ``--dilation``."""
-    resnet = build_resnet(args.backbone, args.backbone_weights, args.dilation)
-    backbone = Backbone(resnet, train_backbone=args.lr_backbone > 0, return_stages=return_stages, dilation=args.dilation)
+    """Build the ResNet named by ``--backbone`` with ``--backbone_weights``, ``--backbone_norm`` and ``--dilation``."""
+    resnet = build_resnet(args.backbone, args.backbone_weights, args.dilation, args.backbone_norm)
+    backbone = Backbone(resnet, train_backbone=args.lr_backbone > 0, return_stages=return_stages,
+                        dilation=args.dilation, pretrained=args.backbone_weights != "none")
     return Joiner(backbone, position_embedding)

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou
 
 from ..utils.box_ops import cxcywh_to_xyxy
+from ..utils.misc import upcast_half
 
 
 class HungarianMatcher(nn.Module):
@@ -33,8 +34,8 @@ class HungarianMatcher(nn.Module):
     def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         costs = []
-        for image_logits, image_boxes, target in zip(logits.float(), boxes.float(), targets):
-            tgt_boxes = target["boxes"].float()
+        for image_logits, image_boxes, target in zip(upcast_half(logits), upcast_half(boxes), targets):
+            tgt_boxes = target["boxes"].to(image_boxes.dtype)
             cost = (
                 self.cost_bbox * torch.cdist(image_boxes, tgt_boxes, p=1)
                 + self.cost_class * self.class_cost(image_logits, target["labels"])

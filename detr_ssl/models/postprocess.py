@@ -5,6 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utils.box_ops import denormalize_boxes
+from ..utils.misc import upcast_half
 
 
 class PostProcess(nn.Module):
@@ -16,6 +17,6 @@ class PostProcess(nn.Module):
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if len(logits) != len(target_sizes) or target_sizes.shape[1] != 2:
             raise ValueError(f"target_sizes must be ({len(logits)}, 2), got {tuple(target_sizes.shape)}")
-        scores, labels = logits.float().softmax(-1)[..., :-1].max(-1)
-        boxes = denormalize_boxes(boxes.float(), target_sizes)
+        scores, labels = upcast_half(logits).softmax(-1)[..., :-1].max(-1)
+        boxes = denormalize_boxes(upcast_half(boxes), target_sizes)
         return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]

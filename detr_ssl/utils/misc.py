@@ -66,3 +66,9 @@ def as_nested_tensor(samples: NestedTensor | list[Tensor] | Tensor) -> NestedTen
     if isinstance(samples, Tensor) and samples.ndim == 4:
         samples = list(samples)
     return nested_tensor_from_tensor_list(list(samples))
+
+
+def upcast_half(tensor: Tensor) -> Tensor:
+    """float16/bfloat16 to float32 (for numerically sensitive steps under AMP); other dtypes unchanged,
+    so float64 checks against the official code stay in float64."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
