@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", type=str, default="", help="checkpoint to continue from (model, optimizer, scheduler, epoch, RNG)")
     add("--start_epoch", type=int, default=0, metavar="N", help="first epoch number (overridden by --resume)")
     add("--eval", action="store_true", help="only evaluate (usually with --resume)")
+    add("--eval_every", type=int, default=1, metavar="N", help="evaluate every N epochs during training (always after the last)")
     add("--num_workers", type=int, default=2, help="data-loading worker processes per training process")
     add("--deterministic", action="store_true", help="bit-reproducible CPU runs (deterministic algorithms, seeded workers)")
     add("--tensorboard", action=bool_flag, default=True, help="write TensorBoard event files to OUTPUT_DIR/tensorboard")
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--backbone", type=str, default="resnet50", choices=BACKBONES, help="torchvision ResNet")
     add("--backbone_weights", type=str, default="imagenet", metavar="{imagenet,none,PATH}",
         help="'imagenet' (torchvision download, cached), 'none' (random init) or a local .pth state dict")
+    add("--backbone_norm", type=str, default="frozen", choices=("frozen", "batch"),
+        help="'frozen': FrozenBatchNorm2d (official; for pretrained weights); 'batch': trainable BatchNorm (training from scratch)")
     add("--dilation", action="store_true", help="replace the stride of the last ResNet stage by dilation (DC5)")
     add("--position_embedding", type=str, default="sine", choices=("sine", "learned"), help="encoding on top of the image features")
     add("--enc_layers", type=int, default=6, help="encoder layers")
@@ -178,7 +181,7 @@ def load_yaml_config(parser: argparse.ArgumentParser, path: str) -> dict[str, An
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject impossible values before any work starts, naming the flag."""
     positive = ["lr", "batch_size", "epochs", "hidden_dim", "nheads", "num_queries", "dim_feedforward",
-                "accum_steps", "min_size", "max_size", "max_dets", "lr_drop"]
+                "accum_steps", "min_size", "max_size", "max_dets", "lr_drop", "eval_every"]
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")

@@ -285,7 +285,7 @@ def test_ground_truth_predictions_score_ap_one(tmp_path, caplog, limit_val_batch
     assert len(metrics["coco_eval_bbox"]) == 12 and metrics["coco_eval_bbox"][0] == metrics["AP"]
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets= 12 ]" in caplog.text
 
-    results = json.loads((tmp_path / "results_7.json").read_text())
+    results = json.loads((tmp_path / "results_0007.json").read_text())
     evaluated = [1, 2] if limit_val_batches else [1, 2, 3]
     assert sorted({r["image_id"] for r in results}) == evaluated
     assert len(results) == 12 * len(evaluated)  # top max_dets of the 15 queries
@@ -302,7 +302,7 @@ def test_no_detections_give_ap_zero(tmp_path, caplog):
         metrics, _ = run_evaluate(coco, NothingFound(), tmp_path)
     assert metrics["coco_eval_bbox"] == [0.0] * 12 and metrics["AP"] == 0.0
     assert "no detections" in caplog.text
-    assert json.loads((tmp_path / "results_7.json").read_text()) == []
+    assert json.loads((tmp_path / "results_0007.json").read_text()) == []
 
 
 def test_images_without_ground_truth_do_not_crash(tmp_path, caplog):

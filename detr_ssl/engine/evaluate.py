@@ -133,7 +133,7 @@ def evaluate(
     """Validation losses and COCO box metrics; the same dict is returned on every process.
 
     Returns ``{'coco_eval_bbox': [12 stats], 'AP': ..., 'AP50': ..., ..., 'loss': ..., <loss keys>}``
-    and, on the main process, writes ``OUTPUT_DIR/results_{epoch}.json``.
+    and, on the main process, writes ``OUTPUT_DIR/results_{epoch:04d}.json``.
     """
     model.eval()
     criterion.eval()
@@ -153,7 +153,7 @@ def evaluate(
     stats = None
     if is_main_process():
         if output_dir:
-            _write_results(Path(output_dir) / f"results_{epoch}.json", detections)
+            _write_results(Path(output_dir) / f"results_{epoch:04d}.json", detections)
         stats = coco_bbox_stats(coco_gt, detections, args.max_dets, logger)
     stats = all_gather_object(stats)[0]
     metrics = dict(zip(stat_names(args.max_dets), stats))

@@ -1,0 +1,165 @@
+"""The whole job: build data, model and optimiser from the config, then train or evaluate."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import save_config
+from ..data import build_dataset, collate_fn, get_coco_api, num_classes_of
+from ..data.loader import build_loader, set_epoch
+from ..models import build_model
+from ..utils import dist
+from ..utils.logging import TensorBoardLogger, setup_logging
+from .checkpoint import build_checkpoint_state, load_checkpoint, load_model_state, resume_training, save_epoch_checkpoint
+from .evaluate import evaluate
+from .optim import build_lr_scheduler, build_optimizer
+from .train import train_one_epoch
+
+
+def resolve_device(requested: str) -> str:
+    """The device to use: a CUDA request on a machine without CUDA falls back to the CPU, loudly."""
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"--device {requested}: CUDA is not available, running on the CPU", stacklevel=2)
+        return "cpu"
+    return requested
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def describe_run(args: argparse.Namespace, info: dist.DistInfo, model: torch.nn.Module, logger: logging.Logger) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("model %s (%s backbone, %s weights): %.1fM parameters, %.1fM trainable, %d classes, %d queries",
+                args.model, args.backbone, args.backbone_weights, total / 1e6, trainable / 1e6, args.num_classes,
+                args.num_queries)
+    logger.info("effective batch: %d processes x %d images x %d accumulation steps = %d images per optimizer step",
+                info.world_size, args.batch_size, args.accum_steps, info.world_size * args.batch_size * args.accum_steps)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train (or with ``--eval`` only evaluate) as configured; returns the last evaluation stats."""
+    info = dist.init_distributed(resolve_device(args.device))
+    args.device = str(info.device)
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir and dist.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+    logger = setup_logging(args.output_dir or None, info.rank)
+    seed_everything(args.seed + info.rank, args.deterministic)
+
+    dataset_val = build_dataset("val", args)
+    dataset_train = None if args.eval else build_dataset("train", args)
+    needed = max(num_classes_of(d) for d in (dataset_train, dataset_val) if d is not None)
+    if args.num_classes is None:
+        args.num_classes = needed
+        logger.info("num_classes = %d (largest category id + 1, from the annotations)", args.num_classes)
+    elif args.num_classes < needed:
+        raise ValueError(f"--num_classes {args.num_classes} is too small: the annotations use category ids up to "
+                         f"{needed - 1}, so it must be at least {needed} (or leave it out to derive it)")
+    if output_dir and dist.is_main_process():
+        save_config(args, output_dir / "config.yaml")
+
+    model, criterion, postprocessors = build_model(args)
+    model.to(info.device)
+    criterion.to(info.device)
+    model_without_ddp = model
+    if info.distributed:
+        model = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    describe_run(args, info, model_without_ddp, logger)
+
+    optimizer = build_optimizer(model_without_ddp, args)
+    lr_scheduler = build_lr_scheduler(optimizer, args)
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        if args.eval:
+            load_model_state(model_without_ddp, checkpoint["model"], logger)
+        else:
+            start = resume_training(checkpoint, model_without_ddp, optimizer, lr_scheduler, logger)
+            args.start_epoch = args.start_epoch if start is None else start
+        logger.info("resumed from %s", args.resume)
+
+    loader_val = build_loader(dataset_val, args, train=False, collate_fn=collate_fn, rank=info.rank,
+                              world_size=info.world_size)
+    coco_gt = get_coco_api(dataset_val)
+    tb = TensorBoardLogger(args.output_dir if dist.is_main_process() else None, enabled=args.tensorboard)
+    eval_kwargs = dict(coco_gt=coco_gt, device=info.device, args=args, output_dir=output_dir, tb=tb, logger=logger)
+    try:
+        if args.eval:
+            return evaluate(model, criterion, postprocessors, loader_val, epoch=args.start_epoch, **eval_kwargs)
+        loader_train = build_loader(dataset_train, args, train=True, collate_fn=collate_fn, rank=info.rank,
+                                    world_size=info.world_size)
+        if args.val_split == args.train_split:
+            logger.warning("evaluating on the training split '%s': the AP measures memorisation (an overfitting "
+                           "check), not generalisation", args.train_split)
+        stats = train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
+                      loader_train, loader_val, output_dir, tb, logger, eval_kwargs)
+        report_outputs(output_dir, args.tensorboard, logger)
+        return stats
+    finally:
+        tb.close()
+        dist.cleanup()
+
+
+def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, loader_train,
+          loader_val, output_dir: Path | None, tb: TensorBoardLogger, logger: logging.Logger, eval_kwargs: dict) -> dict:
+    """The epoch loop: train, step the schedule, checkpoint, evaluate, log."""
+    stats: dict = {}
+    if args.start_epoch >= args.epochs:
+        logger.warning("start epoch %d >= --epochs %d: nothing to train", args.start_epoch, args.epochs)
+    logger.info("training from epoch %d to %d on %d images", args.start_epoch, args.epochs - 1,
+                len(loader_train.dataset))
+    for epoch in range(args.start_epoch, args.epochs):
+        started = time.time()
+        set_epoch(loader_train, epoch, args.seed)
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, eval_kwargs["device"], epoch, args,
+                                      tb, logger)
+        lr_scheduler.step()
+        if output_dir:
+            state = build_checkpoint_state(model_without_ddp, optimizer, lr_scheduler, epoch, args)  # collective
+            if dist.is_main_process():
+                save_epoch_checkpoint(output_dir, state, args.keep_last)
+        evaluated = (epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1
+        if evaluated:
+            stats = evaluate(model, criterion, postprocessors, loader_val, epoch=epoch, **eval_kwargs)
+        log_epoch(epoch, train_stats, stats if evaluated else {}, time.time() - started, output_dir, logger)
+    return stats
+
+
+def report_outputs(output_dir: Path | None, tensorboard: bool, logger: logging.Logger) -> None:
+    """Tell the user where the results of the run are."""
+    if not output_dir:
+        logger.info("done; nothing was saved (no --output_dir)")
+        return
+    logger.info("done. checkpoint: %s | config: %s | log: %s", output_dir / "checkpoint.pth",
+                output_dir / "config.yaml", output_dir / "log.jsonl")
+    if tensorboard:
+        logger.info("watch the curves with: tensorboard --logdir %s", output_dir / "tensorboard")
+
+
+def log_epoch(epoch: int, train_stats: dict, eval_stats: dict, seconds: float, output_dir: Path | None,
+              logger: logging.Logger) -> None:
+    """One JSON line per epoch in OUTPUT_DIR/log.jsonl (as the official log.txt); a console line after evaluations."""
+    if eval_stats:
+        logger.info("epoch %d done in %.1f s: train loss %.4f, val AP %.4f, AP50 %.4f", epoch, seconds,
+                    train_stats.get("loss", float("nan")), eval_stats["AP"], eval_stats["AP50"])
+    if output_dir and dist.is_main_process():
+        record = {"epoch": epoch, "seconds": round(seconds, 1),
+                  **{f"train_{k}": v for k, v in train_stats.items()},
+                  **{f"val_{k}": v for k, v in eval_stats.items()}}
+        with open(output_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,124 @@
+"""End-to-end runs through the command line: outputs, exact resume, 2-process gloo, config errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from detr_ssl.__main__ import main
+from detr_ssl.config import parse_args
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = REPO_ROOT / "data" / "sample"
+
+# A tiny DETR that runs a step in well under a second on a CPU.
+SMALL = ["--data_path", str(SAMPLE), "--device", "cpu", "--num_workers", "0", "--backbone", "resnet18",
+         "--backbone_weights", "none", "--backbone_norm", "batch", "--hidden_dim", "64", "--nheads", "4",
+         "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "128", "--num_queries", "10",
+         "--min_size", "128", "--max_size", "192", "--batch_size", "2"]
+
+
+def run_cli(output_dir: Path, *flags: str) -> None:
+    main([*SMALL, "--output_dir", str(output_dir), *flags])
+
+
+def test_two_iteration_run_writes_checkpoint_config_tensorboard_and_results(tmp_path):
+    run_cli(tmp_path, "--epochs", "1", "--limit_train_batches", "2", "--limit_val_batches", "1")
+
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "lr_scheduler", "epoch", "args"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 0
+    assert list(tmp_path.glob("tensorboard/events.out.tfevents.*"))
+    results = json.loads((tmp_path / "results_0000.json").read_text())
+    assert results and {"image_id", "category_id", "bbox", "score"} <= set(results[0])
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[0]["epoch"] == 0 and "val_AP" in log[0] and "train_loss" in log[0]
+    # The saved config reproduces the run's configuration.
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["hidden_dim"] == 64 and saved["num_classes"] == 91
+    reparsed = parse_args(["--config", str(tmp_path / "config.yaml")])
+    assert reparsed.hidden_dim == 64 and reparsed.num_queries == 10 and reparsed.data_path == str(SAMPLE)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    flags = ["--deterministic", "--limit_train_batches", "2", "--limit_val_batches", "1", "--keep_last", "0",
+             "--no-tensorboard", "--augment", "--eval_every", "10"]
+    run_cli(tmp_path / "straight", "--epochs", "2", *flags)
+    run_cli(tmp_path / "halves", "--epochs", "1", *flags)
+    run_cli(tmp_path / "halves", "--epochs", "2", "--resume", str(tmp_path / "halves" / "checkpoint.pth"), *flags)
+
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "halves" / "checkpoint.pth", weights_only=True)
+    assert resumed["epoch"] == straight["epoch"] == 1
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    losses = [[json.loads(line)["train_loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("straight", "halves")]
+    assert losses[0] == losses[1]
+
+
+def test_two_process_gloo_run(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               "-m", "detr_ssl", *SMALL, "--output_dir", str(tmp_path), "--epochs", "1", "--batch_size", "1",
+               "--accum_steps", "2", "--limit_train_batches", "2", "--limit_val_batches", "1"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "log.txt").read_text()
+    assert "effective batch: 2 processes x 1 images x 2 accumulation steps = 4 images" in log
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert checkpoint["epoch"] == 0 and (tmp_path / "results_0000.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("hiden_dim: 64\n", "unknown key 'hiden_dim'"),
+        ("hidden_dim: wide\n", "key 'hidden_dim': expected int"),
+        ("backbone: vgg16\n", "'vgg16' is not one of"),
+        ("augment: 1\n", "key 'augment': expected true or false"),
+    ],
+)
+def test_bad_yaml_is_an_error_naming_file_and_key(tmp_path, capsys, yaml_text, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(config)])
+    err = capsys.readouterr().err
+    assert message in err and str(config) in err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--hidden_dim", "100", "--nheads", "8"], "--hidden_dim (100) must be divisible by --nheads (8)"),
+        (["--lr", "0"], "--lr must be > 0"),
+        (["--min_size", "900", "--max_size", "800"], "--max_size (800) must be >= --min_size (900)"),
+        (["--resume", "/nonexistent/checkpoint.pth"], "--resume: checkpoint not found"),
+    ],
+)
+def test_impossible_values_fail_before_any_work(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_cli_flags_override_yaml_which_overrides_defaults(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("hidden_dim: 64\nnheads: 4\nlr: 3.0e-4\n")
+    args = parse_args(["--config", str(config), "--lr", "5e-5"])
+    assert (args.hidden_dim, args.nheads, args.lr) == (64, 4, 5e-5)
+    assert args.num_queries == 100 and args.lr_backbone == 1e-5  # official DETR defaults
+
+
+def test_too_small_num_classes_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--num_classes 10 is too small"):
+        run_cli(tmp_path, "--num_classes", "10", "--epochs", "1", "--limit_train_batches", "1")
