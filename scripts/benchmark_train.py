@@ -1,0 +1,111 @@
+"""Time one training step (forward, loss, backward, clip, AdamW) and print JSON.
+
+    python scripts/benchmark_train.py --model detr            # DETR-R50, batch 2, 512x512, fp32
+
+Inputs are real sample photos resized to SIZE x SIZE with their real boxes, so the matcher and
+losses do real work. Timing excludes data loading.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from detr_ssl.config import parse_args  # noqa: E402
+from detr_ssl.data import build_dataset, collate_fn  # noqa: E402
+from detr_ssl.engine.optim import build_optimizer  # noqa: E402
+from detr_ssl.engine.train import weighted_loss  # noqa: E402
+from detr_ssl.models import build_model  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def sample_batch(args: argparse.Namespace, batch_size: int, size: int, device: torch.device):
+    """``batch_size`` sample images resized to size x size, with their targets."""
+    dataset = build_dataset("train", args)
+    items = [dataset[i % len(dataset)] for i in range(batch_size)]
+    images = [torch.nn.functional.interpolate(img[None], size=(size, size), mode="bilinear")[0] for img, _ in items]
+    samples, targets = collate_fn(list(zip(images, [t for _, t in items])))
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    return samples.to(device), targets
+
+
+def main(argv: list[str] | None = None) -> None:
+    bench = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("--model", default="detr", choices=["detr"])
+    bench.add_argument("--batch_size", type=int, default=2)
+    bench.add_argument("--size", type=int, default=512, help="square input side")
+    bench.add_argument("--iters", type=int, default=10, help="timed iterations")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    opts, extra = bench.parse_known_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = torch.device(opts.device)
+
+    args = parse_args(["--model", opts.model, "--backbone_weights", "none", "--data_path", str(REPO / "data" / "sample"),
+                       "--no-augment", "--device", opts.device, *extra])
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(args)
+    model.to(device).train()
+    criterion.to(device)
+    optimizer = build_optimizer(model, args)
+    samples, targets = sample_batch(args, opts.batch_size, opts.size, device)
+
+    def step() -> None:
+        loss = weighted_loss(criterion(model(samples), targets), criterion.weight_dict)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
+        optimizer.step()
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(opts.warmup):
+        step()
+    synchronize()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(opts.iters):
+        start = time.perf_counter()
+        step()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(json.dumps({
+        "benchmark": "train_step", "model": opts.model, "batch_size": opts.batch_size, "size": opts.size,
+        "queries": args.num_queries, "precision": "fp32", "device": str(device),
+        "s_per_it": round(seconds, 4), "s_per_it_min": round(min(times), 4), "imgs_per_s": round(opts.batch_size / seconds, 3),
+        "peak_memory_mb": round(peak / 2**20, 1), "iters": opts.iters,
+        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
+        "torch": torch.__version__,
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
