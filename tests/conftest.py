@@ -1,6 +1,7 @@
 """Shared fixtures: the shipped sample data and the raw view of a sample dataset."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from detr_ssl.data.coco import CocoDetection
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_ROOT = REPO_ROOT / "data" / "sample"
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
@@ -19,12 +20,15 @@ def sample_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def coco8_dir() -> Path:
-    """The original coco8 (YOLO labels); outside the repo, so skipped where it is absent."""
-    path = SHARED_DATA / "coco8"
-    if not path.is_dir():
-        pytest.skip(f"{path} not available")
-    return path
+def coco8_dir(tmp_path_factory) -> Path:
+    """The original coco8 YOLO layout (images/S, labels/S, coco8.yaml), rebuilt from data/sample's
+    images and the YOLO labels in tests/fixtures/coco8."""
+    root = tmp_path_factory.mktemp("coco8")
+    shutil.copy(FIXTURES / "coco8" / "coco8.yaml", root)
+    shutil.copytree(FIXTURES / "coco8" / "labels", root / "labels")
+    for split in ("train", "val"):
+        shutil.copytree(SAMPLE_ROOT / split, root / "images" / split)
+    return root
 
 
 @pytest.fixture(scope="session")
