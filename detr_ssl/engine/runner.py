@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
         else:
             start = resume_training(checkpoint, model_without_ddp, optimizer, lr_scheduler, logger)
             args.start_epoch = args.start_epoch if start is None else start
-        logger.info("resumed from %s", args.resume)
+            logger.info("resumed from %s", args.resume)
 
     loader_val = build_loader(dataset_val, args, train=False, collate_fn=collate_fn, rank=info.rank,
                               world_size=info.world_size)
