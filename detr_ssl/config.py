@@ -17,7 +17,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
-MODELS = ("detr",)
+MODELS = ("detr", "deformable_detr")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 DATASETS = ("coco",)
 
@@ -31,6 +31,15 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
         "num_queries": 100,
         "dim_feedforward": 2048,
         "set_cost_class": 1.0,
+    },
+    "deformable_detr": {
+        "lr": 2e-4,
+        "lr_backbone": 2e-5,
+        "epochs": 50,
+        "lr_drop": 40,
+        "num_queries": 300,
+        "dim_feedforward": 1024,
+        "set_cost_class": 2.0,
     },
 }
 
@@ -96,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--num_classes", type=int, default=None,
         help="classifier size = largest category id + 1; default: from the data (COCO: 91, as the official code)")
 
+    g = parser.add_argument_group("Deformable DETR")
+    add = g.add_argument
+    add("--num_feature_levels", type=int, default=4, help="feature levels: C3-C5 plus extra stride-2 levels")
+    add("--enc_n_points", type=int, default=4, help="sampling points per head and level in encoder attention")
+    add("--dec_n_points", type=int, default=4, help="sampling points per head and level in decoder cross-attention")
+    add("--with_box_refine", action="store_true", help="iterative bounding-box refinement across decoder layers")
+    add("--two_stage", action="store_true", help="encoder proposals become the decoder's reference boxes (needs --with_box_refine)")
+    add("--cls_loss_coef", type=float, default=2.0, help="weight of the sigmoid focal classification loss")
+    add("--focal_alpha", type=float, default=0.25, help="alpha of the sigmoid focal loss")
+    add("--lr_linear_proj_mult", type=float, default=0.1, help="learning-rate factor of the sampling-offset and reference-point layers")
+    add("--msda_backend", type=str, default="auto", choices=("auto", "cuda", "cpu", "pytorch"),
+        help="deformable-attention implementation: CUDA kernel, C++ CPU kernel, or the PyTorch path; auto picks by device")
+
     g = parser.add_argument_group("matcher and loss")
     add = g.add_argument
     add("--set_cost_class", type=float, default=None, help="class cost in the Hungarian matcher")
@@ -114,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     add("--epochs", type=int, default=None, help="training epochs")
     add("--lr_drop", type=int, default=None, help="multiply the learning rates by 0.1 after this many epochs")
+    add("--amp", action="store_true", help="mixed precision: autocast the model (the losses stay float32)")
+    add("--amp_dtype", type=str, default="auto", choices=("auto", "bfloat16", "float16"),
+        help="autocast dtype under --amp; auto: bfloat16 on CPUs and GPUs that support it, else float16 (with loss scaling)")
     add("--clip_max_norm", type=float, default=0.1, help="gradient clipping max norm (0: no clipping)")
 
     g = parser.add_argument_group("data")
@@ -191,6 +216,22 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     for name in non_negative:
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.model == "deformable_detr":
+        for name in ("num_feature_levels", "enc_n_points", "dec_n_points"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.two_stage and not args.with_box_refine:
+            parser.error("--two_stage needs --with_box_refine (the official two-stage model refines boxes)")
+        if args.pre_norm:
+            parser.error("--pre_norm: Deformable DETR layers are post-norm only")
+        if args.hidden_dim % 32:
+            parser.error(f"--hidden_dim must be a multiple of 32 for Deformable DETR (GroupNorm(32)), got {args.hidden_dim}")
+        if not 0 <= args.focal_alpha <= 1:
+            parser.error(f"--focal_alpha must be in [0, 1], got {args.focal_alpha}")
+        if args.lr_linear_proj_mult < 0:
+            parser.error(f"--lr_linear_proj_mult must be >= 0, got {args.lr_linear_proj_mult}")
+    elif args.with_box_refine or args.two_stage:
+        parser.error("--with_box_refine and --two_stage are Deformable DETR options (--model deformable_detr)")
     if args.dec_layers < 1:
         parser.error(f"--dec_layers must be >= 1, got {args.dec_layers}")
     for name in ("limit_train_batches", "limit_val_batches", "num_classes"):

@@ -1,6 +1,8 @@
 """Time one training step (forward, loss, backward, clip, AdamW) and print JSON.
 
-    python scripts/benchmark_train.py --model detr            # DETR-R50, batch 2, 512x512, fp32
+    python scripts/benchmark_train.py --model detr              # DETR-R50, batch 2, 512x512, 100 queries, fp32
+    python scripts/benchmark_train.py --model deformable_detr   # Deformable DETR-R50, 4 levels, 300 queries
+    python scripts/benchmark_train.py --model deformable_detr --msda_backend pytorch   # any main.py flag passes through
 
 Inputs are real sample photos resized to SIZE x SIZE with their real boxes, so the matcher and
 losses do real work. Timing excludes data loading.
@@ -50,7 +52,7 @@ def sample_batch(args: argparse.Namespace, batch_size: int, size: int, device: t
 
 def main(argv: list[str] | None = None) -> None:
     bench = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_argument("--model", default="detr", choices=["detr"])
+    bench.add_argument("--model", default="detr", choices=["detr", "deformable_detr"])
     bench.add_argument("--batch_size", type=int, default=2)
     bench.add_argument("--size", type=int, default=512, help="square input side")
     bench.add_argument("--iters", type=int, default=10, help="timed iterations")

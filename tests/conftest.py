@@ -5,8 +5,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
 
+from detr_ssl.data import collate_fn
 from detr_ssl.data.coco import CocoDetection
+from detr_ssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+from detr_ssl.utils.misc import NestedTensor
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_ROOT = REPO_ROOT / "data" / "sample"
@@ -36,3 +42,22 @@ def raw_val() -> CocoDetection:
     """The sample val split without transforms: (PIL image, absolute XYXY target) pairs."""
     return CocoDetection(SAMPLE_ROOT / "val", SAMPLE_ROOT / "annotations" / "instances_val.json",
                          transforms=lambda image, target: (image, target))
+
+
+@pytest.fixture(scope="session")
+def coco_images() -> list[torch.Tensor]:
+    """Two real photos from the sample, normalised like the data pipeline does."""
+    images = []
+    for path in sorted((SAMPLE_ROOT / "train").glob("*.jpg"))[:2]:
+        image = TF.to_dtype(TF.pil_to_tensor(Image.open(path).convert("RGB")), torch.float32, scale=True)
+        images.append(TF.normalize(image, list(IMAGENET_MEAN), list(IMAGENET_STD)))
+    assert len(images) == 2, f"sample images missing under {SAMPLE_ROOT / 'train'}"
+    return images
+
+
+@pytest.fixture(scope="session")
+def coco_batch() -> tuple[NestedTensor, list[dict]]:
+    """Two sample training images with their targets, through the evaluation transforms at 160 px."""
+    dataset = CocoDetection(SAMPLE_ROOT / "train", SAMPLE_ROOT / "annotations" / "instances_train.json",
+                            transforms=build_transforms("val", min_size=160, max_size=224))
+    return collate_fn([dataset[0], dataset[1]])

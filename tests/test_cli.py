@@ -28,8 +28,13 @@ def run_cli(output_dir: Path, *flags: str) -> None:
     main([*SMALL, "--output_dir", str(output_dir), *flags])
 
 
-def test_two_iteration_run_writes_checkpoint_config_tensorboard_and_results(tmp_path):
-    run_cli(tmp_path, "--epochs", "1", "--limit_train_batches", "2", "--limit_val_batches", "1")
+DEFORMABLE = ["--model", "deformable_detr", "--num_feature_levels", "3", "--msda_backend", "pytorch"]
+
+
+@pytest.mark.parametrize("model_flags", [[], DEFORMABLE, DEFORMABLE + ["--with_box_refine", "--two_stage", "--amp"]],
+                         ids=["detr", "deformable_detr", "deformable_detr_two_stage_amp"])
+def test_two_iteration_run_writes_checkpoint_config_tensorboard_and_results(tmp_path, model_flags):
+    run_cli(tmp_path, "--epochs", "1", "--limit_train_batches", "2", "--limit_val_batches", "1", *model_flags)
 
     checkpoint = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "lr_scheduler", "epoch", "args"} <= set(checkpoint)
@@ -44,6 +49,7 @@ def test_two_iteration_run_writes_checkpoint_config_tensorboard_and_results(tmp_
     assert saved["hidden_dim"] == 64 and saved["num_classes"] == 91
     reparsed = parse_args(["--config", str(tmp_path / "config.yaml")])
     assert reparsed.hidden_dim == 64 and reparsed.num_queries == 10 and reparsed.data_path == str(SAMPLE)
+    assert reparsed.model == (model_flags[1] if model_flags else "detr")
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):

@@ -94,7 +94,7 @@ class RecordingTensorBoard:
 
 
 def train_args(**overrides) -> argparse.Namespace:
-    values = dict(accum_steps=1, clip_max_norm=0.0, limit_train_batches=None, limit_val_batches=None, max_dets=100,
+    values = dict(model="detr", amp=False, amp_dtype="auto", accum_steps=1, clip_max_norm=0.0, limit_train_batches=None, limit_val_batches=None, max_dets=100,
                   lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, lr_drop=2)
     return argparse.Namespace(**{**values, **overrides})
 

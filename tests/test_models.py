@@ -15,7 +15,6 @@ from detr_ssl.models.backbone import BackboneWeightsError, build_resnet
 from detr_ssl.utils.misc import nested_tensor_from_tensor_list
 
 REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference"
-SAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "data" / "sample" / "train"
 TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--nheads", "2",
         "--enc_layers", "1", "--dec_layers", "2", "--dim_feedforward", "64", "--num_queries", "7"]
 
@@ -24,20 +23,6 @@ def read_manifest(name: str) -> dict[str, tuple[int, ...]]:
     with open(REFERENCE / name) as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
     return {r["key"]: tuple(int(d) for d in r["shape"].split("x")) if r["shape"] else () for r in rows}
-
-
-@pytest.fixture(scope="module")
-def coco_images() -> list[torch.Tensor]:
-    """Real photos from the sample, normalised like the data pipeline does."""
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as TF
-
-    images = []
-    for path in sorted(SAMPLE_IMAGES.glob("*.jpg"))[:2]:
-        image = TF.to_dtype(TF.pil_to_tensor(Image.open(path).convert("RGB")), torch.float32, scale=True)
-        images.append(TF.normalize(image, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
-    assert len(images) == 2, f"sample images missing under {SAMPLE_IMAGES}"
-    return images
 
 
 def test_detr_r50_state_dict_equals_official_manifest(tmp_path):

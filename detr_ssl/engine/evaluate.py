@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
+from detr_ssl.engine.amp import autocast, to_float32
 from detr_ssl.engine.train import Targets, batch_limit, image_ids, logged_losses, to_device
 from detr_ssl.utils.dist import all_gather_object, is_main_process
 from detr_ssl.utils.logging import MetricTracker, TensorBoardLogger
@@ -144,7 +145,8 @@ def evaluate(
                     disable=not is_main_process(), dynamic_ncols=True, leave=False)
     for samples, targets in progress:
         samples, targets = to_device(samples, targets, device)
-        outputs = model(samples)
+        with autocast(args, device):
+            outputs = to_float32(model(samples))
         meter.update(logged_losses(criterion(outputs, targets), criterion.weight_dict))
         orig_sizes = torch.stack([target["orig_size"] for target in targets])
         for image_id, detection in zip(image_ids(targets), postprocessors["bbox"](outputs, orig_sizes)):

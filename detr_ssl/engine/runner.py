@@ -20,6 +20,7 @@ from ..models import build_model
 from ..utils import dist
 from ..utils.logging import TensorBoardLogger, setup_logging
 from .checkpoint import build_checkpoint_state, load_checkpoint, load_model_state, resume_training, save_epoch_checkpoint
+from .amp import amp_dtype, build_grad_scaler
 from .evaluate import evaluate
 from .optim import build_lr_scheduler, build_optimizer
 from .train import train_one_epoch
@@ -48,6 +49,8 @@ def describe_run(args: argparse.Namespace, info: dist.DistInfo, model: torch.nn.
     logger.info("model %s (%s backbone, %s weights): %.1fM parameters, %.1fM trainable, %d classes, %d queries",
                 args.model, args.backbone, args.backbone_weights, total / 1e6, trainable / 1e6, args.num_classes,
                 args.num_queries)
+    if args.amp:
+        logger.info("mixed precision: autocast to %s", str(amp_dtype(args, info.device)).replace("torch.", ""))
     logger.info("effective batch: %d processes x %d images x %d accumulation steps = %d images per optimizer step",
                 info.world_size, args.batch_size, args.accum_steps, info.world_size * args.batch_size * args.accum_steps)
 
@@ -84,6 +87,7 @@ def run(args: argparse.Namespace) -> dict:
 
     optimizer = build_optimizer(model_without_ddp, args)
     lr_scheduler = build_lr_scheduler(optimizer, args)
+    scaler = build_grad_scaler(args, info.device)
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
         if args.eval:
@@ -91,6 +95,8 @@ def run(args: argparse.Namespace) -> dict:
         else:
             start = resume_training(checkpoint, model_without_ddp, optimizer, lr_scheduler, logger)
             args.start_epoch = args.start_epoch if start is None else start
+            if start is not None and "scaler" in checkpoint:
+                scaler.load_state_dict(checkpoint["scaler"])
             logger.info("resumed from %s", args.resume)
 
     loader_val = build_loader(dataset_val, args, train=False, collate_fn=collate_fn, rank=info.rank,
@@ -106,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.val_split == args.train_split:
             logger.warning("evaluating on the training split '%s': the AP measures memorisation (an overfitting "
                            "check), not generalisation", args.train_split)
-        stats = train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
+        stats = train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler,
                       loader_train, loader_val, output_dir, tb, logger, eval_kwargs)
         report_outputs(output_dir, args.tensorboard, logger)
         return stats
@@ -115,7 +121,7 @@ def run(args: argparse.Namespace) -> dict:
         dist.cleanup()
 
 
-def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, loader_train,
+def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler, loader_train,
           loader_val, output_dir: Path | None, tb: TensorBoardLogger, logger: logging.Logger, eval_kwargs: dict) -> dict:
     """The epoch loop: train, step the schedule, checkpoint, evaluate, log."""
     stats: dict = {}
@@ -127,10 +133,11 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
         started = time.time()
         set_epoch(loader_train, epoch, args.seed)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, eval_kwargs["device"], epoch, args,
-                                      tb, logger)
+                                      tb, logger, scaler)
         lr_scheduler.step()
         if output_dir:
-            state = build_checkpoint_state(model_without_ddp, optimizer, lr_scheduler, epoch, args)  # collective
+            state = build_checkpoint_state(model_without_ddp, optimizer, lr_scheduler, epoch, args,  # collective
+                                           scaler=scaler.state_dict())
             if dist.is_main_process():
                 save_epoch_checkpoint(output_dir, state, args.keep_last)
         evaluated = (epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from detr_ssl.engine.amp import autocast, build_grad_scaler, to_float32
 from detr_ssl.utils.dist import is_main_process, reduce_dict
 from detr_ssl.utils.logging import MetricTracker, TensorBoardLogger
 from detr_ssl.utils.misc import NestedTensor
@@ -73,10 +74,14 @@ def _check_finite(losses: dict[str, Tensor], epoch: int, index: int, targets: Ta
         )
 
 
-def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip_max_norm: float) -> None:
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip_max_norm: float,
+                    scaler: torch.amp.GradScaler) -> None:
+    """Unscale (float16 AMP), clip, step; a disabled scaler makes this a plain clipped step."""
+    scaler.unscale_(optimizer)
     if clip_max_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -90,6 +95,7 @@ def train_one_epoch(
     args: argparse.Namespace,
     tb: TensorBoardLogger,
     logger: logging.Logger,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """Train for one epoch and return the epoch means of the losses (and the learning rate).
 
@@ -99,6 +105,7 @@ def train_one_epoch(
     """
     model.train()
     criterion.train()
+    scaler = scaler or build_grad_scaler(args, device)
     num_batches = batch_limit(data_loader, args.limit_train_batches)
     steps_per_epoch = math.ceil(num_batches / args.accum_steps)
     lr = optimizer.param_groups[0]["lr"]
@@ -112,14 +119,16 @@ def train_one_epoch(
         # Under DDP, gradients are all-reduced only on the batch that completes the window.
         skip_sync = isinstance(model, DistributedDataParallel) and not steps_now
         with model.no_sync() if skip_sync else nullcontext():
-            loss_dict = criterion(model(samples), targets)
+            with autocast(args, device):
+                outputs = model(samples)
+            loss_dict = criterion(to_float32(outputs), targets)
             losses = logged_losses(loss_dict, criterion.weight_dict)
             _check_finite(losses, epoch, index, targets)
-            (weighted_loss(loss_dict, criterion.weight_dict) / window).backward()
+            scaler.scale(weighted_loss(loss_dict, criterion.weight_dict) / window).backward()
         epoch_meter.update(losses)
         window_meter.update(losses)
         if steps_now:
-            _optimizer_step(model, optimizer, args.clip_max_norm)
+            _optimizer_step(model, optimizer, args.clip_max_norm, scaler)
             tb.scalars({**window_meter.summary(), "lr": lr}, epoch * steps_per_epoch + index // args.accum_steps, "train")
             window_meter = MetricTracker()
         progress.set_postfix(loss=f"{epoch_meter.summary()['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..ops import set_default_backend
+
 from .backbone import build_backbone
 from .criterion import SetCriterion, detection_weight_dict
+from .deformable_detr import DeformableDETR
+from .deformable_transformer import build_deformable_transformer
 from .detr import DETR
 from .matcher import build_matcher
 from .position_encoding import build_position_encoding
-from .postprocess import PostProcess
+from .postprocess import PostProcess, PostProcessSigmoid
 from .transformer import build_transformer
 
 COCO_NUM_CLASSES = 91  # largest COCO category id + 1, as the official code
@@ -20,10 +24,20 @@ def build_model(args) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
     ``args.num_classes`` is the classifier size (largest category id + 1); ``None`` means COCO's 91.
     """
     num_classes = args.num_classes or COCO_NUM_CLASSES
-    if args.model != "detr":
-        raise ValueError(f"--model: unknown model {args.model!r}")
-    backbone = build_backbone(args, build_position_encoding(args))
-    model = DETR(backbone, build_transformer(args), num_classes=num_classes, num_queries=args.num_queries,
-                 aux_loss=args.aux_loss)
-    criterion = SetCriterion(num_classes, build_matcher(args), detection_weight_dict(args), eos_coef=args.eos_coef)
-    return model, criterion, {"bbox": PostProcess()}
+    matcher, weight_dict = build_matcher(args), detection_weight_dict(args)
+    if args.model == "detr":
+        backbone = build_backbone(args, build_position_encoding(args))
+        model = DETR(backbone, build_transformer(args), num_classes=num_classes, num_queries=args.num_queries,
+                     aux_loss=args.aux_loss)
+        criterion = SetCriterion(num_classes, matcher, weight_dict, eos_coef=args.eos_coef)
+        return model, criterion, {"bbox": PostProcess()}
+    if args.model == "deformable_detr":
+        set_default_backend(args.msda_backend)
+        stages = ("layer2", "layer3", "layer4") if args.num_feature_levels > 1 else ("layer4",)
+        backbone = build_backbone(args, build_position_encoding(args), return_stages=stages)
+        model = DeformableDETR(backbone, build_deformable_transformer(args), num_classes=num_classes,
+                               num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
+                               aux_loss=args.aux_loss, with_box_refine=args.with_box_refine, two_stage=args.two_stage)
+        criterion = SetCriterion(num_classes, matcher, weight_dict, focal_alpha=args.focal_alpha)
+        return model, criterion, {"bbox": PostProcessSigmoid(num_select=args.max_dets)}
+    raise ValueError(f"--model: unknown model {args.model!r}")

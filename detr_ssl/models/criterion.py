@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou_loss
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from ..utils.box_ops import cxcywh_to_xyxy
 from .matcher import HungarianMatcher
@@ -36,15 +36,23 @@ def average_num_boxes(targets: list[dict[str, Tensor]], device: torch.device) ->
 
 
 class SetCriterion(nn.Module):
-    """Hungarian-matched set losses for DETR (softmax classification with a no-object class)."""
+    """Hungarian-matched set losses.
+
+    Classification is a softmax over the classes plus no-object, the no-object weight being
+    ``eos_coef`` (DETR), or, with ``focal_alpha``, a sigmoid focal loss per class where
+    no-object is all-negative (Deformable DETR). Two-stage encoder proposals (``enc_outputs``)
+    are matched class-agnostically and give the ``_enc`` losses.
+    """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
-                 eos_coef: float, losses: tuple[str, ...] = ("labels", "boxes", "cardinality")):
+                 eos_coef: float = 0.1, focal_alpha: float | None = None,
+                 losses: tuple[str, ...] = ("labels", "boxes", "cardinality")):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.eos_coef = eos_coef
+        self.focal_alpha = focal_alpha
         self.losses = losses
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
@@ -52,13 +60,19 @@ class SetCriterion(nn.Module):
 
     def loss_labels(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float,
                     log: bool = True) -> dict[str, Tensor]:
-        """Cross-entropy over classes + no-object (weighted by ``eos_coef``); logs class_error."""
+        """Softmax cross-entropy or sigmoid focal loss of the classes; logs class_error."""
         logits = outputs["pred_logits"]
         idx = matched_query_index(indices)
         matched_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[idx] = matched_labels
-        losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)}
+        if self.focal_alpha is None:
+            loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
+        else:
+            # one-hot over classes + no-object, whose column is dropped: no-object is all zeros
+            one_hot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
+            loss_ce = sigmoid_focal_loss(logits, one_hot, alpha=self.focal_alpha, gamma=2.0, reduction="sum") / num_boxes
+        losses = {"loss_ce": loss_ce}
         if log:
             losses["class_error"] = 100 - top1_accuracy(logits[idx], matched_labels)
         return losses
@@ -104,6 +118,10 @@ class SetCriterion(nn.Module):
         losses = self.detection_losses(outputs, targets, num_boxes)
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
             losses.update(self.detection_losses(aux_outputs, targets, num_boxes, suffix=f"_{i}", log=False))
+        if "enc_outputs" in outputs:
+            class_agnostic = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            losses.update(self.detection_losses(outputs["enc_outputs"], class_agnostic, num_boxes, suffix="_enc",
+                                                log=False))
         return losses
 
 
@@ -116,10 +134,13 @@ def top1_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def detection_weight_dict(args) -> dict[str, float]:
-    """Loss weights for the last decoder layer and, with ``--aux_loss``, each earlier one."""
-    last_layer = {"loss_ce": 1.0, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    """Loss weights for the last decoder layer and, with ``--aux_loss``, each earlier one (and the
+    two-stage proposals). The class weight is 1 for DETR and ``--cls_loss_coef`` for Deformable DETR."""
+    class_coef = args.cls_loss_coef if args.model == "deformable_detr" else 1.0
+    last_layer = {"loss_ce": class_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
     weights = dict(last_layer)
     if args.aux_loss:
-        for i in range(args.dec_layers - 1):
-            weights.update({f"{key}_{i}": value for key, value in last_layer.items()})
+        suffixes = [f"_{i}" for i in range(args.dec_layers - 1)] + (["_enc"] if getattr(args, "two_stage", False) else [])
+        for suffix in suffixes:
+            weights.update({key + suffix: value for key, value in last_layer.items()})
     return weights

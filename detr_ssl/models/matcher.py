@@ -18,17 +18,29 @@ class HungarianMatcher(nn.Module):
     numbers. Returns, per image, (query indices, target indices) as int64 tensors.
     """
 
-    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 1.0, cost_giou: float = 1.0):
+    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 1.0, cost_giou: float = 1.0, focal: bool = False):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("all matcher costs are 0")
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
+        self.focal = focal
 
     def class_cost(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """(Q, C) logits, (T,) labels -> (Q, T): minus the softmax probability of the target class."""
-        return -logits.softmax(-1)[:, labels]
+        """(Q, C) logits, (T,) labels -> (Q, T) class cost.
+
+        Softmax classifiers (DETR): minus the probability of the target class. Sigmoid ones
+        (Deformable DETR): the focal loss of calling it positive minus that of calling it
+        negative, with the official fixed alpha 0.25 and gamma 2.
+        """
+        if not self.focal:
+            return -logits.softmax(-1)[:, labels]
+        prob = logits.sigmoid()[:, labels]
+        alpha, gamma = 0.25, 2.0
+        negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
+        positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+        return positive - negative
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
@@ -51,4 +63,5 @@ class HungarianMatcher(nn.Module):
 
 
 def build_matcher(args) -> HungarianMatcher:
-    return HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou)
+    return HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox, cost_giou=args.set_cost_giou,
+                            focal=args.model == "deformable_detr")

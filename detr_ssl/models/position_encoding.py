@@ -72,10 +72,13 @@ class PositionEmbeddingLearned(nn.Module):
 
 
 def build_position_encoding(args) -> nn.Module:
-    """``--position_embedding sine|learned`` with half the width per axis."""
+    """``--position_embedding sine|learned`` with half the width per axis.
+
+    Deformable DETR's sine encoding measures pixel centres (offset -0.5), DETR's pixel ends.
+    """
     steps = args.hidden_dim // 2
     if args.position_embedding == "sine":
-        return PositionEmbeddingSine(steps, normalize=True)
+        return PositionEmbeddingSine(steps, normalize=True, offset=-0.5 if args.model == "deformable_detr" else 0.0)
     if args.position_embedding == "learned":
         return PositionEmbeddingLearned(steps)
     raise ValueError(f"--position_embedding: unknown value {args.position_embedding!r} (sine, learned)")

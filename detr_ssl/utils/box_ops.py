@@ -28,3 +28,9 @@ def denormalize_boxes(boxes_cxcywh: Tensor, sizes_hw: Tensor) -> Tensor:
     height, width = sizes_hw.unbind(-1)
     scale = torch.stack([width, height, width, height], dim=-1).to(boxes_cxcywh.dtype)
     return cxcywh_to_xyxy(boxes_cxcywh) * scale[:, None, :]
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """logit(x) with x clamped to [eps, 1 - eps]: boxes in [0, 1] -> the unbounded space refinements add in."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
