@@ -52,6 +52,7 @@ def test_state_dict_equals_official_manifest_and_loads_strict(name):
             assert state[row["key"]].data_ptr() == state[row["alias_of"]].data_ptr(), row["key"]
     unique = {id(p): p for p in model.parameters()}.values()
     assert sum(p.numel() for p in unique) == INDEX[name]["params"]
+    assert sum(p.numel() for p in unique if p.requires_grad) == INDEX[name]["trainable_params"]
 
     torch.manual_seed(0)
     official = {}

@@ -92,15 +92,16 @@ def build_resnet(name: str, weights: str, dilation: bool, norm: str = "frozen") 
 class Backbone(nn.Module):
     """ResNet body returning the feature maps of the requested stages, with downsampled masks.
 
-    From pretrained weights only ``layer2``-``layer4`` train (as the official code), from random
-    weights (``pretrained=False``) every layer does; ``train_backbone=False`` freezes all.
+    As the official code, only ``layer2``-``layer4`` train, whatever the weights; with
+    ``train_stem`` (trainable BatchNorm, i.e. training from scratch) every layer does.
+    ``train_backbone=False`` freezes all.
     """
 
     def __init__(self, resnet: nn.Module, train_backbone: bool, return_stages: tuple[str, ...], dilation: bool,
-                 pretrained: bool = True):
+                 train_stem: bool = False):
         super().__init__()
         for name, parameter in resnet.named_parameters():
-            trainable = train_backbone and (not pretrained or any(s in name for s in ("layer2", "layer3", "layer4")))
+            trainable = train_backbone and (train_stem or any(s in name for s in ("layer2", "layer3", "layer4")))
             parameter.requires_grad_(trainable)
         self.body = IntermediateLayerGetter(resnet, return_layers={s: str(i) for i, s in enumerate(return_stages)})
         final_channels = resnet.fc.in_features
@@ -134,5 +135,5 @@ def build_backbone(args, position_embedding: nn.Module, return_stages: tuple[str
     """Build the ResNet named by ``--backbone`` with ``--backbone_weights``, ``--backbone_norm`` and ``--dilation``."""
     resnet = build_resnet(args.backbone, args.backbone_weights, args.dilation, args.backbone_norm)
     backbone = Backbone(resnet, train_backbone=args.lr_backbone > 0, return_stages=return_stages,
-                        dilation=args.dilation, pretrained=args.backbone_weights != "none")
+                        dilation=args.dilation, train_stem=args.backbone_norm == "batch")
     return Joiner(backbone, position_embedding)
