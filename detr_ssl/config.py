@@ -19,7 +19,9 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 MODELS = ("detr", "deformable_detr")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
-DATASETS = ("coco",)
+DATASETS = ("coco", "folder")
+SSL_TASKS = ("none", "reconstruction", "mim_continuous", "mim_discrete", "jigsaw_continuous", "jigsaw_discrete")
+SCHEDULES = ("constant", "linear", "cosine")
 
 # Official per-model defaults (DETR main.py), applied where the user gave no value.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--backbone_weights", type=str, default="imagenet", metavar="{imagenet,none,PATH}",
         help="'imagenet' (torchvision download, cached), 'none' (random init) or a local .pth state dict")
     add("--backbone_norm", type=str, default="frozen", choices=("frozen", "batch"),
-        help="'frozen': FrozenBatchNorm2d (official; for pretrained weights); 'batch': trainable BatchNorm (training from scratch)")
+        help="'frozen': FrozenBatchNorm2d (official; for pretrained weights); 'batch': trainable BatchNorm, and every backbone layer trains (training from scratch)")
     add("--dilation", action="store_true", help="replace the stride of the last ResNet stage by dilation (DC5)")
     add("--position_embedding", type=str, default="sine", choices=("sine", "learned"), help="encoding on top of the image features")
     add("--enc_layers", type=int, default=6, help="encoder layers")
@@ -118,6 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--msda_backend", type=str, default="auto", choices=("auto", "cuda", "cpu", "pytorch"),
         help="deformable-attention implementation: CUDA kernel, C++ CPU kernel, or the PyTorch path; auto picks by device")
 
+    g = parser.add_argument_group("self-supervised pretext task on the encoder")
+    add = g.add_argument
+    add("--ssl_task", type=str, default="none", choices=SSL_TASKS,
+        help="pretext task on the encoder tokens; each token owns the image patch under it")
+    add("--ssl_mode", type=str, default="multitask", choices=("pretrain", "multitask"),
+        help="pretrain: SSL loss only (labelled or unlabelled images, no decoder); multitask: detection + weighted SSL loss")
+    add("--ssl_ratio", type=float, default=0.5, help="fraction of each image's patches masked or permuted")
+    add("--ssl_ratio_schedule", type=str, default="constant", choices=SCHEDULES,
+        help="ratio over training: constant, or decaying to 0 by the last epoch (linear, cosine)")
+    add("--ssl_loss_coef", type=float, default=1.0, help="weight (lambda) of the SSL loss")
+    add("--ssl_loss_schedule", type=str, default="constant", choices=SCHEDULES,
+        help="lambda over training: constant, or decaying to 0 by the last epoch (linear, cosine)")
+    add("--tokenizer", type=str, default=None, help="visual-token file for mim_discrete (scripts/fit_tokenizer.py)")
+    add("--pretrain", type=str, default="", metavar="CKPT",
+        help="start detection from a pre-training checkpoint: backbone, input projection and encoder load; the rest is new")
+    add("--vis_every", type=int, default=200, metavar="N",
+        help="TensorBoard image grid (input, corrupted, prediction, target) every N steps (0: never)")
+
     g = parser.add_argument_group("matcher and loss")
     add = g.add_argument
     add("--set_cost_class", type=float, default=None, help="class cost in the Hungarian matcher")
@@ -144,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("data")
     add = g.add_argument
     add("--dataset_file", type=str, default="coco", choices=DATASETS,
-        help="coco: COCO-json detection data (official COCO 2017 layout, or ROOT/{train,val}/ + ROOT/annotations/instances_{train,val}.json)")
+        help="coco: COCO-json detection data (official COCO 2017 layout, or ROOT/{train,val}/ + ROOT/annotations/instances_{train,val}.json); "
+             "folder: any tree of unlabelled images (pre-training)")
     add("--data_path", type=str, default=None, help="dataset root (see README: data layout)")
     add("--coco_path", type=str, default=None, help="alias of --data_path (official DETR flag name)")
     add("--train_split", type=str, default="train", help="split used for training (folder and json name)")
@@ -220,6 +241,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         for name in ("num_feature_levels", "enc_n_points", "dec_n_points"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.num_feature_levels == 2:
+            parser.error("--num_feature_levels must be 1 (C5 only) or >= 3 (C3-C5, then extra stride-2 levels), got 2")
         if args.two_stage and not args.with_box_refine:
             parser.error("--two_stage needs --with_box_refine (the official two-stage model refines boxes)")
         if args.pre_norm:
@@ -232,6 +255,20 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error(f"--lr_linear_proj_mult must be >= 0, got {args.lr_linear_proj_mult}")
     elif args.with_box_refine or args.two_stage:
         parser.error("--with_box_refine and --two_stage are Deformable DETR options (--model deformable_detr)")
+    if args.ssl_task == "none" and args.ssl_mode == "pretrain":
+        parser.error("--ssl_mode pretrain needs a pretext task: set --ssl_task")
+    if args.ssl_task == "mim_discrete" and not args.tokenizer:
+        parser.error("--ssl_task mim_discrete needs --tokenizer FILE (fit one with scripts/fit_tokenizer.py)")
+    if args.tokenizer and not Path(args.tokenizer).is_file():
+        parser.error(f"--tokenizer: file not found: {args.tokenizer}")
+    if args.pretrain and not Path(args.pretrain).is_file():
+        parser.error(f"--pretrain: checkpoint not found: {args.pretrain}")
+    if not 0.0 <= args.ssl_ratio <= 1.0:
+        parser.error(f"--ssl_ratio must be in [0, 1], got {args.ssl_ratio}")
+    if args.ssl_loss_coef < 0 or args.vis_every < 0:
+        parser.error("--ssl_loss_coef and --vis_every must be >= 0")
+    if args.dataset_file == "folder" and args.ssl_mode != "pretrain":
+        parser.error("--dataset_file folder holds unlabelled images: use it with --ssl_mode pretrain and an --ssl_task")
     if args.dec_layers < 1:
         parser.error(f"--dec_layers must be >= 1, got {args.dec_layers}")
     for name in ("limit_train_batches", "limit_val_batches", "num_classes"):

@@ -12,7 +12,7 @@ from detr_ssl.models.matcher import HungarianMatcher
 
 
 def criterion(num_classes: int = 2, eos_coef: float = 0.1) -> SetCriterion:
-    args = SimpleNamespace(model="detr", bbox_loss_coef=5.0, giou_loss_coef=2.0, aux_loss=True, dec_layers=3)
+    args = SimpleNamespace(model="detr", ssl_task="none", bbox_loss_coef=5.0, giou_loss_coef=2.0, aux_loss=True, dec_layers=3)
     return SetCriterion(num_classes, HungarianMatcher(1, 5, 2), detection_weight_dict(args), eos_coef)
 
 

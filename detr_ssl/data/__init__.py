@@ -9,20 +9,23 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from detr_ssl.data.coco import CocoDetection, split_paths
+from detr_ssl.data.folder import ImageFolder
 from detr_ssl.data.transforms import build_transforms
 from detr_ssl.utils.misc import NestedTensor, nested_tensor_from_tensor_list
 
-__all__ = ["build_dataset", "collate_fn", "num_classes_of", "get_coco_api", "build_transforms", "CocoDetection"]
+__all__ = ["build_dataset", "collate_fn", "num_classes_of", "get_coco_api", "build_transforms", "CocoDetection", "ImageFolder"]
 
 
 def build_dataset(image_set: str, args: argparse.Namespace) -> Dataset:
     """The 'train' or 'val' dataset of ``args.data_path``; split names come from ``--train_split/--val_split``."""
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
-    if args.dataset_file != "coco":
-        raise ValueError(f"unknown --dataset_file {args.dataset_file!r}; known: coco")
     if args.data_path is None:
         raise ValueError("no dataset given: pass --data_path ROOT (see data/README.md, section 'Data layouts')")
+    if args.dataset_file == "folder":
+        return ImageFolder(args.data_path, build_transforms(image_set, args.min_size, args.max_size, args.augment))
+    if args.dataset_file != "coco":
+        raise ValueError(f"unknown --dataset_file {args.dataset_file!r}; known: coco, folder")
     split = args.train_split if image_set == "train" else args.val_split
     img_folder, ann_file = split_paths(args.data_path, split)
     transforms = build_transforms(image_set, args.min_size, args.max_size, args.augment)

@@ -267,3 +267,32 @@ def resume_training(
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     _restore_process_rng(checkpoint.get("rng_state"), logger)
     return checkpoint["epoch"] + 1
+
+
+PRETRAINED_PREFIXES = ("backbone.", "input_proj.", "transformer.encoder.", "transformer.level_embed")
+
+
+def load_pretrained_encoder(model: nn.Module, path: str | os.PathLike, logger: logging.Logger) -> LoadReport:
+    """Start detection from a pre-training checkpoint: backbone, input projection and encoder.
+
+    The decoder and heads of a pre-training run never trained, and ``ssl_head.*`` belongs to the
+    pretext task, so both are skipped; shape mismatches stay initialised. The log lists the
+    loaded, skipped and newly initialised keys.
+    """
+    state = load_checkpoint(path)
+    state = state.get("model", state)
+    model = _unwrap(model)
+    own = model.state_dict()
+    wanted = {k: v for k, v in state.items() if k.startswith(PRETRAINED_PREFIXES) and not k.startswith("ssl_head.")}
+    loaded = [k for k, v in wanted.items() if k in own and v.shape == own[k].shape]
+    if not loaded:
+        raise CheckpointMismatchError(f"--pretrain {path}: no backbone or encoder tensor fits this model; "
+                                      "was it made with the same --model, --backbone and --hidden_dim?")
+    model.load_state_dict({k: wanted[k] for k in loaded}, strict=False)
+    skipped = [k for k in state if k not in loaded]
+    new = [k for k in own if k not in loaded]
+    logger.info("--pretrain %s: loaded %d tensors (%s)", path, len(loaded), ", ".join(loaded))
+    logger.info("--pretrain: skipped %d tensors of the checkpoint (%s)", len(skipped), ", ".join(skipped) or "none")
+    logger.info("--pretrain: newly initialised %d tensors (%s)", len(new), ", ".join(new) or "none")
+    return LoadReport(loaded=loaded, reinitialised=[k for k in wanted if k in own and k not in loaded],
+                      missing=new, unexpected=[k for k in state if k not in own])

@@ -14,12 +14,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import save_config
-from ..data import build_dataset, collate_fn, get_coco_api, num_classes_of
+from ..data import ImageFolder, build_dataset, collate_fn, get_coco_api, num_classes_of
 from ..data.loader import build_loader, set_epoch
-from ..models import build_model
+from ..models import COCO_NUM_CLASSES, build_model
+from ..ssl.schedule import schedule_value
 from ..utils import dist
 from ..utils.logging import TensorBoardLogger, setup_logging
-from .checkpoint import build_checkpoint_state, load_checkpoint, load_model_state, resume_training, save_epoch_checkpoint
+from .checkpoint import (build_checkpoint_state, load_checkpoint, load_model_state, load_pretrained_encoder,
+                         resume_training, save_epoch_checkpoint)
 from .amp import amp_dtype, build_grad_scaler
 from .evaluate import evaluate
 from .optim import build_lr_scheduler, build_optimizer
@@ -41,6 +43,37 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+
+
+def resolve_num_classes(args: argparse.Namespace, datasets: list, logger: logging.Logger) -> None:
+    """Set ``args.num_classes`` from the annotations (largest category id + 1), or check the given one.
+
+    Unlabelled images have no classes: the classifier keeps ``--num_classes`` or COCO's 91.
+    """
+    labelled = [d for d in datasets if not isinstance(d, ImageFolder)]
+    if not labelled:
+        args.num_classes = args.num_classes or COCO_NUM_CLASSES
+        return
+    needed = max(num_classes_of(d) for d in labelled)
+    if args.num_classes is None:
+        args.num_classes = needed
+        logger.info("num_classes = %d (largest category id + 1, from the annotations)", args.num_classes)
+    elif args.num_classes < needed:
+        raise ValueError(f"--num_classes {args.num_classes} is too small: the annotations use category ids up to "
+                         f"{needed - 1}, so it must be at least {needed} (or leave it out to derive it)")
+
+
+def apply_ssl_schedules(model: torch.nn.Module, criterion: torch.nn.Module, args: argparse.Namespace, epoch: int,
+                        logger: logging.Logger) -> None:
+    """Set this epoch's SSL loss weight (lambda) and masking/permutation ratio from their schedules."""
+    if model.ssl_head is None:
+        return
+    total = args.epochs
+    criterion.weight_dict["loss_ssl"] = schedule_value(args.ssl_loss_schedule, args.ssl_loss_coef, epoch, total)
+    model.ssl_head.ratio = schedule_value(args.ssl_ratio_schedule, args.ssl_ratio, epoch, total)
+    if epoch == args.start_epoch or "constant" not in (args.ssl_loss_schedule, args.ssl_ratio_schedule):
+        logger.info("epoch %d: pretext task %s (%s) with lambda %.4g, ratio %.3g", epoch, args.ssl_task,
+                    args.ssl_mode, criterion.weight_dict["loss_ssl"], model.ssl_head.ratio)
 
 
 def describe_run(args: argparse.Namespace, info: dist.DistInfo, model: torch.nn.Module, logger: logging.Logger) -> None:
@@ -65,24 +98,22 @@ def run(args: argparse.Namespace) -> dict:
     logger = setup_logging(args.output_dir or None, info.rank)
     seed_everything(args.seed + info.rank, args.deterministic)
 
-    dataset_val = build_dataset("val", args)
+    detects = args.ssl_mode != "pretrain"  # pre-training has no detection targets to evaluate
+    dataset_val = build_dataset("val", args) if detects else None
     dataset_train = None if args.eval else build_dataset("train", args)
-    needed = max(num_classes_of(d) for d in (dataset_train, dataset_val) if d is not None)
-    if args.num_classes is None:
-        args.num_classes = needed
-        logger.info("num_classes = %d (largest category id + 1, from the annotations)", args.num_classes)
-    elif args.num_classes < needed:
-        raise ValueError(f"--num_classes {args.num_classes} is too small: the annotations use category ids up to "
-                         f"{needed - 1}, so it must be at least {needed} (or leave it out to derive it)")
+    resolve_num_classes(args, [d for d in (dataset_train, dataset_val) if d is not None], logger)
     if output_dir and dist.is_main_process():
         save_config(args, output_dir / "config.yaml")
 
     model, criterion, postprocessors = build_model(args)
+    if args.pretrain:
+        load_pretrained_encoder(model, args.pretrain, logger)
     model.to(info.device)
     criterion.to(info.device)
     model_without_ddp = model
-    if info.distributed:
-        model = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    if info.distributed:  # pre-training leaves the decoder and heads unused
+        model = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+                                        find_unused_parameters=not detects)
     describe_run(args, info, model_without_ddp, logger)
 
     optimizer = build_optimizer(model_without_ddp, args)
@@ -99,9 +130,9 @@ def run(args: argparse.Namespace) -> dict:
                 scaler.load_state_dict(checkpoint["scaler"])
             logger.info("resumed from %s", args.resume)
 
-    loader_val = build_loader(dataset_val, args, train=False, collate_fn=collate_fn, rank=info.rank,
-                              world_size=info.world_size)
-    coco_gt = get_coco_api(dataset_val)
+    loader_val = None if dataset_val is None else build_loader(dataset_val, args, train=False, collate_fn=collate_fn,
+                                                               rank=info.rank, world_size=info.world_size)
+    coco_gt = None if dataset_val is None else get_coco_api(dataset_val)
     tb = TensorBoardLogger(args.output_dir if dist.is_main_process() else None, enabled=args.tensorboard)
     eval_kwargs = dict(coco_gt=coco_gt, device=info.device, args=args, output_dir=output_dir, tb=tb, logger=logger)
     try:
@@ -109,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
             return evaluate(model, criterion, postprocessors, loader_val, epoch=args.start_epoch, **eval_kwargs)
         loader_train = build_loader(dataset_train, args, train=True, collate_fn=collate_fn, rank=info.rank,
                                     world_size=info.world_size)
-        if args.val_split == args.train_split:
+        if detects and args.val_split == args.train_split and args.dataset_file != "folder":
             logger.warning("evaluating on the training split '%s': the AP measures memorisation (an overfitting "
                            "check), not generalisation", args.train_split)
         stats = train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler,
@@ -132,6 +163,7 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
     for epoch in range(args.start_epoch, args.epochs):
         started = time.time()
         set_epoch(loader_train, epoch, args.seed)
+        apply_ssl_schedules(model_without_ddp, criterion, args, epoch, logger)
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, eval_kwargs["device"], epoch, args,
                                       tb, logger, scaler)
         lr_scheduler.step()
@@ -140,7 +172,7 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
                                            scaler=scaler.state_dict())
             if dist.is_main_process():
                 save_epoch_checkpoint(output_dir, state, args.keep_last)
-        evaluated = (epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1
+        evaluated = loader_val is not None and ((epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1)
         if evaluated:
             stats = evaluate(model, criterion, postprocessors, loader_val, epoch=epoch, **eval_kwargs)
         log_epoch(epoch, train_stats, stats if evaluated else {}, time.time() - started, output_dir, logger)

@@ -74,6 +74,15 @@ def _check_finite(losses: dict[str, Tensor], epoch: int, index: int, targets: Ta
         )
 
 
+@torch.no_grad()
+def log_ssl_images(model: nn.Module, ssl_outputs: dict[str, Any], tb: TensorBoardLogger, step: int) -> None:
+    """The pretext task's grid (input, corrupted input, prediction, target) to TensorBoard."""
+    task = (model.module if isinstance(model, DistributedDataParallel) else model).ssl_head
+    grid = task.visualize(ssl_outputs["images"], ssl_outputs["corrupted"], ssl_outputs["prediction"],
+                          ssl_outputs["targets"], ssl_outputs["valid"])
+    tb.images(f"ssl/{type(task).name}", grid, step, rows=4)
+
+
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip_max_norm: float,
                     scaler: torch.amp.GradScaler) -> None:
     """Unscale (float16 AMP), clip, step; a disabled scaler makes this a plain clipped step."""
@@ -120,16 +129,22 @@ def train_one_epoch(
         skip_sync = isinstance(model, DistributedDataParallel) and not steps_now
         with model.no_sync() if skip_sync else nullcontext():
             with autocast(args, device):
-                outputs = model(samples)
-            loss_dict = criterion(to_float32(outputs), targets)
+                outputs = to_float32(model(samples))
+            loss_dict = criterion(outputs, targets)
             losses = logged_losses(loss_dict, criterion.weight_dict)
             _check_finite(losses, epoch, index, targets)
             scaler.scale(weighted_loss(loss_dict, criterion.weight_dict) / window).backward()
         epoch_meter.update(losses)
         window_meter.update(losses)
+        step = epoch * steps_per_epoch + index // args.accum_steps
+        if "ssl_outputs" in outputs and tb.active and args.vis_every and index % args.vis_every == 0:
+            log_ssl_images(model, outputs["ssl_outputs"], tb, step)
         if steps_now:
             _optimizer_step(model, optimizer, args.clip_max_norm, scaler)
-            tb.scalars({**window_meter.summary(), "lr": lr}, epoch * steps_per_epoch + index // args.accum_steps, "train")
+            schedule = {"lr": lr}
+            if "loss_ssl" in criterion.weight_dict:
+                schedule["ssl_lambda"] = criterion.weight_dict["loss_ssl"]
+            tb.scalars({**window_meter.summary(), **schedule}, step, "train")
             window_meter = MetricTracker()
         progress.set_postfix(loss=f"{epoch_meter.summary()['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
     logger.info("epoch %d train: %s", epoch, epoch_meter.format())

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..ops import set_default_backend
+from ..ssl import build_pretext_task
 
 from .backbone import build_backbone
 from .criterion import SetCriterion, detection_weight_dict
@@ -25,19 +26,26 @@ def build_model(args) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
     """
     num_classes = args.num_classes or COCO_NUM_CLASSES
     matcher, weight_dict = build_matcher(args), detection_weight_dict(args)
+    ssl = {"ssl_mode": args.ssl_mode}
     if args.model == "detr":
         backbone = build_backbone(args, build_position_encoding(args))
+        ssl["ssl_head"] = build_pretext_task(args.ssl_task, args.hidden_dim, backbone.strides[-1], args.ssl_ratio,
+                                             args.tokenizer)
         model = DETR(backbone, build_transformer(args), num_classes=num_classes, num_queries=args.num_queries,
-                     aux_loss=args.aux_loss)
-        criterion = SetCriterion(num_classes, matcher, weight_dict, eos_coef=args.eos_coef)
+                     aux_loss=args.aux_loss, **ssl)
+        criterion = SetCriterion(num_classes, matcher, weight_dict, eos_coef=args.eos_coef, ssl_task=ssl["ssl_head"])
         return model, criterion, {"bbox": PostProcess()}
     if args.model == "deformable_detr":
         set_default_backend(args.msda_backend)
         stages = ("layer2", "layer3", "layer4") if args.num_feature_levels > 1 else ("layer4",)
         backbone = build_backbone(args, build_position_encoding(args), return_stages=stages)
+        ssl["ssl_head"] = build_pretext_task(args.ssl_task, args.hidden_dim, backbone.strides[0], args.ssl_ratio,
+                                             args.tokenizer)
         model = DeformableDETR(backbone, build_deformable_transformer(args), num_classes=num_classes,
                                num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
-                               aux_loss=args.aux_loss, with_box_refine=args.with_box_refine, two_stage=args.two_stage)
-        criterion = SetCriterion(num_classes, matcher, weight_dict, focal_alpha=args.focal_alpha)
+                               aux_loss=args.aux_loss, with_box_refine=args.with_box_refine, two_stage=args.two_stage,
+                               **ssl)
+        criterion = SetCriterion(num_classes, matcher, weight_dict, focal_alpha=args.focal_alpha,
+                                 ssl_task=ssl["ssl_head"])
         return model, criterion, {"bbox": PostProcessSigmoid(num_select=args.max_dets)}
     raise ValueError(f"--model: unknown model {args.model!r}")

@@ -46,8 +46,10 @@ class SetCriterion(nn.Module):
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
                  eos_coef: float = 0.1, focal_alpha: float | None = None,
-                 losses: tuple[str, ...] = ("labels", "boxes", "cardinality")):
+                 losses: tuple[str, ...] = ("labels", "boxes", "cardinality"), ssl_task: nn.Module | None = None):
         super().__init__()
+        # the task's loss, not the task: its head belongs to the model (and its checkpoint)
+        self.ssl_loss = None if ssl_task is None else ssl_task.loss
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
@@ -114,6 +116,17 @@ class SetCriterion(nn.Module):
         return {key + suffix: value for key, value in losses.items()}
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        """Detection losses for the detection outputs, ``loss_ssl`` for ``ssl_outputs``: pre-training
+        outputs hold only the latter."""
+        losses = {}
+        if "ssl_outputs" in outputs:
+            losses.update(self.ssl_loss(outputs["ssl_outputs"]["prediction"], outputs["ssl_outputs"]["targets"]))
+        if "pred_logits" in outputs:
+            losses.update(self.detection_set_losses(outputs, targets))
+        return losses
+
+    def detection_set_losses(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        """The last layer's losses, the auxiliary layers' and the two-stage proposals'."""
         num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
         losses = self.detection_losses(outputs, targets, num_boxes)
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
@@ -143,4 +156,6 @@ def detection_weight_dict(args) -> dict[str, float]:
         suffixes = [f"_{i}" for i in range(args.dec_layers - 1)] + (["_enc"] if getattr(args, "two_stage", False) else [])
         for suffix in suffixes:
             weights.update({key + suffix: value for key, value in last_layer.items()})
+    if args.ssl_task != "none":
+        weights["loss_ssl"] = args.ssl_loss_coef  # lambda; a --ssl_loss_schedule updates it every epoch
     return weights

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils.box_ops import inverse_sigmoid
-from ..utils.misc import NestedTensor, as_nested_tensor
+from ..utils.misc import NestedTensor
 from .deformable_transformer import DeformableTransformer
 from .detr import MLP, prediction_dict
+from .ssl_pass import SelfSupervisedMixin
 
 PRIOR_PROBABILITY = 0.01  # initial sigmoid score of every class, so the focal loss starts stable
 
@@ -37,12 +38,16 @@ def input_projections(in_channels: list[int], hidden_dim: int, num_levels: int) 
     return nn.ModuleList(projections)
 
 
-class DeformableDETR(nn.Module):
-    """Detects objects from ``num_feature_levels`` feature levels with ``num_queries`` queries."""
+class DeformableDETR(SelfSupervisedMixin, nn.Module):
+    """Detects objects from ``num_feature_levels`` feature levels with ``num_queries`` queries.
+
+    With ``ssl_head`` (a pretext task), the encoder tokens of the highest-resolution level
+    (stride 8) also feed the task.
+    """
 
     def __init__(self, backbone: nn.Module, transformer: DeformableTransformer, num_classes: int, num_queries: int,
                  num_feature_levels: int, aux_loss: bool = True, with_box_refine: bool = False,
-                 two_stage: bool = False):
+                 two_stage: bool = False, ssl_head: nn.Module | None = None, ssl_mode: str = "multitask"):
         super().__init__()
         if two_stage and not with_box_refine:
             raise ValueError("two-stage Deformable DETR needs box refinement (--with_box_refine), as the official one")
@@ -77,6 +82,8 @@ class DeformableDETR(nn.Module):
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
         self.input_proj = input_projections(backbone.num_channels, hidden_dim, num_feature_levels)
         self.backbone = backbone
+        self.ssl_head = ssl_head
+        self.ssl_mode = ssl_mode
 
     def multiscale_features(self, samples: NestedTensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Projected features, padding masks and positions of every level, extra levels included."""
@@ -97,9 +104,19 @@ class DeformableDETR(nn.Module):
         """Backbone + encoder: (B, S, C) memory over all levels and its flat layout (shapes, masks...)."""
         return self.transformer.encode(*self.multiscale_features(samples))
 
-    def forward(self, samples: NestedTensor | list[Tensor]) -> dict:
-        """``samples``: a NestedTensor or a list of CHW images; returns the official output dict."""
-        memory, flat = self.encode(as_nested_tensor(samples))
+    def run(self, samples: NestedTensor, decode: bool = True) -> tuple[dict, tuple[Tensor, Tensor]]:
+        """Encode, and decode if asked: the official output dict (empty without decoding) and the
+        first level's encoder tokens and positions (level embedding included) as (B, h, w, C) maps."""
+        memory, flat = self.encode(samples)
+        height, width = flat["spatial_shapes"][0].tolist()
+        first_level = (memory[:, :height * width].unflatten(1, (height, width)),
+                       flat["pos"][:, :height * width].unflatten(1, (height, width)))
+        if not decode:
+            return {}, first_level
+        return self.predict(memory, flat), first_level
+
+    def predict(self, memory: Tensor, flat: dict) -> dict:
+        """Decode the queries and apply the per-layer heads: the official output dict."""
         decoded = self.transformer.decode(memory, flat, None if self.two_stage else self.query_embed.weight)
         hs = decoded["hs"]
         # layer l predicts relative to the references it read: the initial ones, then layer l-1's

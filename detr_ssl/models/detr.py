@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..utils.misc import NestedTensor, as_nested_tensor
+from ..utils.misc import NestedTensor
+from .ssl_pass import SelfSupervisedMixin
 from .transformer import Transformer
 
 
@@ -30,11 +31,14 @@ def prediction_dict(logits: Tensor, boxes: Tensor, aux_loss: bool) -> dict:
     return out
 
 
-class DETR(nn.Module):
-    """Detects objects from the last backbone stage with ``num_queries`` object queries."""
+class DETR(SelfSupervisedMixin, nn.Module):
+    """Detects objects from the last backbone stage with ``num_queries`` object queries.
+
+    With ``ssl_head`` (a pretext task), the encoder tokens (stride 32) also feed the task.
+    """
 
     def __init__(self, backbone: nn.Module, transformer: Transformer, num_classes: int, num_queries: int,
-                 aux_loss: bool = False):
+                 aux_loss: bool = False, ssl_head: nn.Module | None = None, ssl_mode: str = "multitask"):
         super().__init__()
         hidden_dim = transformer.d_model
         self.num_queries = num_queries
@@ -45,6 +49,8 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels[-1], hidden_dim, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
+        self.ssl_head = ssl_head
+        self.ssl_mode = ssl_mode
 
     def encode(self, samples: NestedTensor) -> tuple[Tensor, Tensor, Tensor]:
         """Backbone + encoder: (B, HW, C) memory with its (B, H, W) padding mask and (B, C, H, W) positions."""
@@ -52,8 +58,13 @@ class DETR(nn.Module):
         src, mask = features[-1].decompose()
         return self.transformer.encode(self.input_proj(src), mask, pos[-1]), mask, pos[-1]
 
-    def forward(self, samples: NestedTensor | list[Tensor]) -> dict:
-        """``samples``: a NestedTensor or a list of CHW images; returns the official output dict."""
-        memory, mask, pos = self.encode(as_nested_tensor(samples))
-        hs = self.transformer.decode(memory, mask, pos, self.query_embed.weight)
-        return prediction_dict(self.class_embed(hs), self.bbox_embed(hs).sigmoid(), self.aux_loss)
+    def run(self, samples: NestedTensor, decode: bool = True) -> tuple[dict, tuple[Tensor, Tensor]]:
+        """Encode, and decode if asked: the official output dict (empty without decoding) and the
+        encoder tokens and positions as (B, h, w, C) maps."""
+        memory, mask, pos = self.encode(samples)
+        outputs = {}
+        if decode:
+            hs = self.transformer.decode(memory, mask, pos, self.query_embed.weight)
+            outputs = prediction_dict(self.class_embed(hs), self.bbox_embed(hs).sigmoid(), self.aux_loss)
+        height, width = mask.shape[-2:]
+        return outputs, (memory.unflatten(1, (height, width)), pos.permute(0, 2, 3, 1))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from detr_ssl.utils.dist import is_main_process
@@ -66,6 +67,16 @@ class TensorBoardLogger:
             return
         for key, value in values.items():
             self.writer.add_scalar(f"{prefix}/{key}" if prefix else key, float(value), step)
+
+    def images(self, tag: str, grid: Tensor, step: int, rows: int) -> None:
+        """Write (N, 3, H, W) images in [0, 1] as one grid with ``rows`` rows."""
+        if self.writer is None:
+            return
+        self.writer.add_image(tag, make_grid(grid.float().clamp(0, 1), nrow=max(1, len(grid) // rows)), step)
+
+    @property
+    def active(self) -> bool:
+        return self.writer is not None
 
     def close(self) -> None:
         if self.writer is not None:

@@ -1,0 +1,55 @@
+"""Unlabelled images for self-supervised pre-training: any folder tree of image files."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from detr_ssl.data.transforms import xyxy_boxes
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """Every image file below ``root``, sorted so that the order (and the image ids) are stable."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data_path {root}: not a directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"--data_path {root}: no image files ({', '.join(IMAGE_SUFFIXES)}) below it")
+    return files
+
+
+class ImageFolder(Dataset):
+    """``(image, target)`` pairs with empty targets, so that the detection transforms and the
+    collate function serve unlabelled images unchanged; the image id is the index in sorted order."""
+
+    def __init__(self, root: str | Path,
+                 transforms: Callable[[Image.Image, dict[str, Any]], tuple[Any, dict[str, Any]]]) -> None:
+        self.root = Path(root)
+        self.files = find_images(root)
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except OSError as err:
+            raise OSError(f"cannot read image {path}: {err}") from err
+        target = {
+            "image_id": torch.tensor(index, dtype=torch.int64),
+            "boxes": xyxy_boxes(torch.zeros(0, 4), image.height, image.width),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "iscrowd": torch.zeros(0, dtype=torch.int64),
+            "orig_size": torch.tensor([image.height, image.width], dtype=torch.int64),
+        }
+        return self.transforms(image, target)

@@ -1,0 +1,102 @@
+"""Encoder pretext tasks through the CLI: every task x mode x model runs, pre-training feeds fine-tuning."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from detr_ssl.__main__ import main
+from detr_ssl.config import parse_args
+from detr_ssl.models import build_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = REPO_ROOT / "data" / "sample"
+TINY = ["--device", "cpu", "--num_workers", "0", "--backbone", "resnet18", "--backbone_weights", "none",
+        "--backbone_norm", "batch", "--hidden_dim", "64", "--nheads", "4", "--enc_layers", "1", "--dec_layers", "1",
+        "--dim_feedforward", "128", "--num_queries", "10", "--min_size", "128", "--max_size", "192",
+        "--batch_size", "2", "--epochs", "1", "--limit_train_batches", "1", "--limit_val_batches", "1",
+        "--vis_every", "1"]
+DEFORMABLE = ["--model", "deformable_detr", "--num_feature_levels", "3", "--msda_backend", "pytorch"]
+CONTINUOUS = ["reconstruction", "mim_continuous", "jigsaw_continuous", "jigsaw_discrete"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory) -> dict[int, Path]:
+    """Small k-means tokenizers fitted on the sample's unlabelled photos, for patch sizes 32 (DETR) and 8."""
+    from detr_ssl.ssl.tokenizer import fit_kmeans_tokenizer_on_folder
+
+    out = {}
+    for patch in (32, 8):
+        path = tmp_path_factory.mktemp("tok") / f"tokenizer_p{patch}.pt"
+        fit_kmeans_tokenizer_on_folder(SAMPLE / "unlabelled", path, codebook_size=8, patch_size=patch, iters=3,
+                                       image_size=128, max_patches=2000)
+        out[patch] = path
+    return out
+
+
+def task_flags(task: str, model_flags: list[str], tokenizers: dict[int, Path]) -> list[str]:
+    flags = ["--ssl_task", task]
+    if task == "mim_discrete":
+        flags += ["--tokenizer", str(tokenizers[8 if model_flags else 32])]
+    return flags
+
+
+@pytest.mark.parametrize("model_flags", [[], DEFORMABLE], ids=["detr", "deformable_detr"])
+@pytest.mark.parametrize("task", CONTINUOUS + ["mim_discrete"])
+def test_multitask_run_adds_the_ssl_loss_and_logs_images(tmp_path, model_flags, task, tokenizer_file):
+    main([*TINY, *model_flags, *task_flags(task, model_flags, tokenizer_file), "--data_path", str(SAMPLE),
+          "--output_dir", str(tmp_path), "--ssl_mode", "multitask"])
+    log = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert log["train_loss_ssl"] > 0 and log["train_loss_ce"] > 0 and "val_AP" in log
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert any(k.startswith("ssl_head.") for k in checkpoint["model"])
+
+
+@pytest.mark.parametrize("model_flags", [[], DEFORMABLE], ids=["detr", "deformable_detr"])
+def test_pretrain_on_unlabelled_images_then_fine_tune_with_pretrain(tmp_path, model_flags):
+    pre, fine = tmp_path / "pre", tmp_path / "fine"
+    main([*TINY, *model_flags, "--ssl_task", "mim_continuous", "--ssl_mode", "pretrain", "--dataset_file", "folder",
+          "--data_path", str(SAMPLE / "unlabelled"), "--output_dir", str(pre), "--epochs", "2"])
+    log = [json.loads(line) for line in (pre / "log.jsonl").read_text().splitlines()]
+    assert set(k for k in log[0] if k.startswith("train_loss")) == {"train_loss", "train_loss_ssl"}
+    pretrained = torch.load(pre / "checkpoint.pth", weights_only=True)["model"]
+
+    main([*TINY, *model_flags, "--data_path", str(SAMPLE), "--output_dir", str(fine), "--pretrain",
+          str(pre / "checkpoint.pth"), "--epochs", "1"])
+    messages = (fine / "log.txt").read_text()
+    assert "--pretrain" in messages and "ssl_head." in messages.split("skipped")[1].split("\n")[0]
+    assert "newly initialised" in messages and "class_embed" in messages.split("newly initialised")[1]
+    # the encoder came from pre-training; the fine-tuned model has no ssl head
+    args = parse_args([*TINY, *model_flags, "--data_path", str(SAMPLE), "--num_classes", "91"])
+    model, _, _ = build_model(args)
+    from detr_ssl.engine.checkpoint import load_pretrained_encoder
+
+    report = load_pretrained_encoder(model, pre / "checkpoint.pth", logging.getLogger("test"))
+    assert report.loaded and all(k.startswith(("backbone.", "input_proj.", "transformer.")) for k in report.loaded)
+    assert not any(k.startswith("ssl_head.") for k in model.state_dict())
+    encoder_key = next(k for k in report.loaded if k.startswith("transformer.encoder."))
+    assert torch.equal(model.state_dict()[encoder_key], pretrained[encoder_key])
+    fine_state = torch.load(fine / "checkpoint.pth", weights_only=True)["model"]
+    assert not any(k.startswith("ssl_head.") for k in fine_state)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ssl_mode", "pretrain"], "--ssl_mode pretrain needs a pretext task"),
+    (["--ssl_task", "mim_discrete"], "needs --tokenizer"),
+    (["--dataset_file", "folder", "--ssl_task", "mim_continuous"], "use it with --ssl_mode pretrain"),
+    (["--ssl_task", "mim_continuous", "--ssl_ratio", "1.5"], "--ssl_ratio must be in [0, 1]"),
+])
+def test_impossible_ssl_settings_fail_before_any_work(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_tokenizer_with_another_patch_size_is_refused(tokenizer_file):
+    args = parse_args(TINY + ["--ssl_task", "mim_discrete", "--tokenizer", str(tokenizer_file[8]),
+                              "--data_path", str(SAMPLE)])
+    with pytest.raises(ValueError, match="patch"):
+        build_model(args)
