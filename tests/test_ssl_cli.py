@@ -100,3 +100,32 @@ def test_tokenizer_with_another_patch_size_is_refused(tokenizer_file):
                               "--data_path", str(SAMPLE)])
     with pytest.raises(ValueError, match="patch"):
         build_model(args)
+
+
+@pytest.mark.parametrize("model_flags", [[], DEFORMABLE], ids=["detr", "deformable_detr"])
+@pytest.mark.parametrize("task", ["reconstruction", "mim_continuous", "jigsaw_continuous"])
+def test_ssl_loss_trains_the_encoder_and_backbone_and_falls(coco_batch, model_flags, task):
+    """Pre-training through the whole model on real images: gradients reach encoder and backbone,
+    and the SSL loss falls over a few dozen steps."""
+    torch.manual_seed(0)
+    args = parse_args([*TINY, *model_flags, "--ssl_task", task, "--ssl_mode", "pretrain", "--num_classes", "91",
+                       "--lr", "1e-3", "--lr_backbone", "1e-3", "--dropout", "0"])
+    model, criterion, _ = build_model(args)
+    model.train()
+    samples, targets = coco_batch
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for step in range(40):
+        loss_dict = criterion(model(samples), targets)
+        assert set(loss_dict) == {"loss_ssl"}
+        optimizer.zero_grad()
+        loss_dict["loss_ssl"].backward()
+        if step == 0:
+            encoder = next(p for n, p in model.named_parameters() if n.startswith("transformer.encoder."))
+            backbone = model.backbone[0].body.layer4[0].conv1.weight
+            assert encoder.grad.abs().sum() > 0 and backbone.grad.abs().sum() > 0
+            decoder = [p for n, p in model.named_parameters() if n.startswith("transformer.decoder.")]
+            assert all(p.grad is None for p in decoder)  # pre-training does not run the decoder
+        optimizer.step()
+        losses.append(loss_dict["loss_ssl"].item())
+    assert sum(losses[-5:]) / 5 < 0.7 * losses[0], f"{task}: loss {losses[0]:.3f} -> {losses[-5:]}"
