@@ -23,18 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from detr_ssl.ops import available_backends, ms_deform_attn  # noqa: E402
+from detr_ssl.utils.machine import cpu_name  # noqa: E402
 
 SHAPES = ((64, 64), (32, 32), (16, 16), (8, 8))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def make_inputs(batch: int, heads: int, channels: int, points: int, dtype: torch.dtype, device: str):

@@ -28,16 +28,7 @@ from detr_ssl.data import build_dataset, collate_fn  # noqa: E402
 from detr_ssl.engine.optim import build_optimizer  # noqa: E402
 from detr_ssl.engine.train import weighted_loss  # noqa: E402
 from detr_ssl.models import build_model  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+from detr_ssl.utils.machine import cpu_name  # noqa: E402
 
 
 def sample_batch(args: argparse.Namespace, batch_size: int, size: int, device: torch.device):
