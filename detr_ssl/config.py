@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ssl_loss_coef", type=float, default=1.0, help="weight (lambda) of the SSL loss")
     add("--ssl_loss_schedule", type=str, default="constant", choices=SCHEDULES,
         help="lambda over training: constant, or decaying to 0 by the last epoch (linear, cosine)")
+    add("--ssl_levels", action="store_true",
+        help="Deformable DETR: every encoder level also predicts the pixels of its own patches (the paper used the finest only)")
     add("--tokenizer", type=str, default=None, help="visual-token file for mim_discrete (scripts/fit_tokenizer.py)")
     add("--pretrain", type=str, default="", metavar="CKPT",
         help="start detection from a pre-training checkpoint: backbone, input projection and encoder load; the rest is new")
@@ -259,6 +261,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--ssl_mode pretrain needs a pretext task: set --ssl_task")
     if args.ssl_task == "mim_discrete" and not args.tokenizer:
         parser.error("--ssl_task mim_discrete needs --tokenizer FILE (fit one with scripts/fit_tokenizer.py)")
+    if args.ssl_levels and (args.ssl_task == "none" or args.model != "deformable_detr" or args.num_feature_levels < 2):
+        parser.error("--ssl_levels needs an --ssl_task and --model deformable_detr with several --num_feature_levels")
     if args.tokenizer and not Path(args.tokenizer).is_file():
         parser.error(f"--tokenizer: file not found: {args.tokenizer}")
     if args.pretrain and not Path(args.pretrain).is_file():

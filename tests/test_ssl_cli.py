@@ -129,3 +129,38 @@ def test_ssl_loss_trains_the_encoder_and_backbone_and_falls(coco_batch, model_fl
         optimizer.step()
         losses.append(loss_dict["loss_ssl"].item())
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0], f"{task}: loss {losses[0]:.3f} -> {losses[-5:]}"
+
+
+@pytest.mark.parametrize("task", ["mim_continuous", "jigsaw_discrete"])
+def test_ssl_levels_adds_a_pixel_loss_on_every_other_level(tmp_path, task):
+    main([*TINY, *DEFORMABLE, "--ssl_task", task, "--ssl_levels", "--ssl_mode", "pretrain", "--dataset_file",
+          "folder", "--data_path", str(SAMPLE / "unlabelled"), "--output_dir", str(tmp_path)])
+    state = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]
+    # three levels (strides 8, 16, 32): the task's head on the first, pixel heads on the others
+    assert state["ssl_head.level_heads.heads.0.weight"].shape == (16 * 16 * 3, 64)
+    assert state["ssl_head.level_heads.heads.1.weight"].shape == (32 * 32 * 3, 64)
+    assert json.loads((tmp_path / "log.jsonl").read_text())["train_loss_ssl"] > 0
+
+
+def test_level_heads_score_zero_for_the_original_pixels(coco_images):
+    from detr_ssl.ssl.levels import LevelHeads
+    from detr_ssl.ssl.patches import patchify
+
+    images = torch.stack([torch.nn.functional.interpolate(im[None], size=(128, 192))[0] for im in coco_images])
+    valid = torch.ones(2, 128, 192, dtype=torch.bool)
+    valid[1, 96:] = False  # padding never counts
+    changed = torch.zeros_like(valid)
+    changed[:, :64, :64] = True
+    heads = LevelHeads(8, [16, 32])
+    perfect = [patchify(images, 16), patchify(images, 32)]
+    assert heads.loss(perfect, images, valid, changed).item() == 0.0
+    wrong = [p + 1.0 for p in perfect]
+    assert heads.loss(wrong, images, valid, changed).item() == pytest.approx(1.0)
+    wrong_outside = [patchify(images + 5.0 * ~changed[:, None], stride) for stride in (16, 32)]
+    assert heads.loss(wrong_outside, images, valid, changed).item() == 0.0  # only changed pixels count
+
+
+def test_ssl_levels_is_refused_where_there_is_one_level(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--ssl_task", "mim_continuous", "--ssl_levels"])
+    assert "--ssl_levels needs" in capsys.readouterr().err

@@ -5,10 +5,11 @@ from torch import nn
 
 from ..ops import set_default_backend
 from ..ssl import build_pretext_task
+from ..ssl.levels import LevelHeads
 
 from .backbone import build_backbone
 from .criterion import SetCriterion, detection_weight_dict
-from .deformable_detr import DeformableDETR
+from .deformable_detr import DeformableDETR, level_strides
 from .deformable_transformer import build_deformable_transformer
 from .detr import DETR
 from .matcher import build_matcher
@@ -41,6 +42,9 @@ def build_model(args) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
         backbone = build_backbone(args, build_position_encoding(args), return_stages=stages)
         ssl["ssl_head"] = build_pretext_task(args.ssl_task, args.hidden_dim, backbone.strides[0], args.ssl_ratio,
                                              args.tokenizer)
+        if args.ssl_levels:
+            ssl["ssl_head"].level_heads = LevelHeads(args.hidden_dim,
+                                                     level_strides(backbone.strides, args.num_feature_levels)[1:])
         model = DeformableDETR(backbone, build_deformable_transformer(args), num_classes=num_classes,
                                num_queries=args.num_queries, num_feature_levels=args.num_feature_levels,
                                aux_loss=args.aux_loss, with_box_refine=args.with_box_refine, two_stage=args.two_stage,

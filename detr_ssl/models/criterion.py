@@ -49,7 +49,7 @@ class SetCriterion(nn.Module):
                  losses: tuple[str, ...] = ("labels", "boxes", "cardinality"), ssl_task: nn.Module | None = None):
         super().__init__()
         # the task's loss, not the task: its head belongs to the model (and its checkpoint)
-        self.ssl_loss = None if ssl_task is None else ssl_task.loss
+        self.ssl_loss = None if ssl_task is None else ssl_task.outputs_loss
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
@@ -120,7 +120,7 @@ class SetCriterion(nn.Module):
         outputs hold only the latter."""
         losses = {}
         if "ssl_outputs" in outputs:
-            losses.update(self.ssl_loss(outputs["ssl_outputs"]["prediction"], outputs["ssl_outputs"]["targets"]))
+            losses.update(self.ssl_loss(outputs["ssl_outputs"]))
         if "pred_logits" in outputs:
             losses.update(self.detection_set_losses(outputs, targets))
         return losses

@@ -38,6 +38,14 @@ def input_projections(in_channels: list[int], hidden_dim: int, num_levels: int) 
     return nn.ModuleList(projections)
 
 
+def level_strides(backbone_strides: list[int], num_levels: int) -> list[int]:
+    """Strides of the feature levels: the backbone's, then each extra level halves the last."""
+    strides = list(backbone_strides[:num_levels])
+    while len(strides) < num_levels:
+        strides.append(strides[-1] * 2)
+    return strides
+
+
 class DeformableDETR(SelfSupervisedMixin, nn.Module):
     """Detects objects from ``num_feature_levels`` feature levels with ``num_queries`` queries.
 
@@ -81,6 +89,7 @@ class DeformableDETR(SelfSupervisedMixin, nn.Module):
         else:
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
         self.input_proj = input_projections(backbone.num_channels, hidden_dim, num_feature_levels)
+        self.level_strides = level_strides(backbone.strides, num_feature_levels)
         self.backbone = backbone
         self.ssl_head = ssl_head
         self.ssl_mode = ssl_mode
@@ -104,16 +113,17 @@ class DeformableDETR(SelfSupervisedMixin, nn.Module):
         """Backbone + encoder: (B, S, C) memory over all levels and its flat layout (shapes, masks...)."""
         return self.transformer.encode(*self.multiscale_features(samples))
 
-    def run(self, samples: NestedTensor, decode: bool = True) -> tuple[dict, tuple[Tensor, Tensor]]:
-        """Encode, and decode if asked: the official output dict (empty without decoding) and the
-        first level's encoder tokens and positions (level embedding included) as (B, h, w, C) maps."""
+    def run(self, samples: NestedTensor, decode: bool = True) -> tuple[dict, list[tuple[Tensor, Tensor]]]:
+        """Encode, and decode if asked: the official output dict (empty without decoding) and each
+        level's encoder tokens and positions (level embedding included) as (B, h, w, C) maps,
+        finest first."""
         memory, flat = self.encode(samples)
-        height, width = flat["spatial_shapes"][0].tolist()
-        first_level = (memory[:, :height * width].unflatten(1, (height, width)),
-                       flat["pos"][:, :height * width].unflatten(1, (height, width)))
-        if not decode:
-            return {}, first_level
-        return self.predict(memory, flat), first_level
+        levels = []
+        for (height, width), start in zip(flat["spatial_shapes"].tolist(), flat["level_start_index"].tolist()):
+            tokens = slice(start, start + height * width)
+            levels.append((memory[:, tokens].unflatten(1, (height, width)),
+                           flat["pos"][:, tokens].unflatten(1, (height, width))))
+        return (self.predict(memory, flat) if decode else {}), levels
 
     def predict(self, memory: Tensor, flat: dict) -> dict:
         """Decode the queries and apply the per-layer heads: the official output dict."""

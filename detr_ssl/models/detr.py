@@ -58,13 +58,13 @@ class DETR(SelfSupervisedMixin, nn.Module):
         src, mask = features[-1].decompose()
         return self.transformer.encode(self.input_proj(src), mask, pos[-1]), mask, pos[-1]
 
-    def run(self, samples: NestedTensor, decode: bool = True) -> tuple[dict, tuple[Tensor, Tensor]]:
+    def run(self, samples: NestedTensor, decode: bool = True) -> tuple[dict, list[tuple[Tensor, Tensor]]]:
         """Encode, and decode if asked: the official output dict (empty without decoding) and the
-        encoder tokens and positions as (B, h, w, C) maps."""
+        encoder tokens and positions as (B, h, w, C) maps (one level)."""
         memory, mask, pos = self.encode(samples)
         outputs = {}
         if decode:
             hs = self.transformer.decode(memory, mask, pos, self.query_embed.weight)
             outputs = prediction_dict(self.class_embed(hs), self.bbox_embed(hs).sigmoid(), self.aux_loss)
         height, width = mask.shape[-2:]
-        return outputs, (memory.unflatten(1, (height, width)), pos.permute(0, 2, 3, 1))
+        return outputs, [(memory.unflatten(1, (height, width)), pos.permute(0, 2, 3, 1))]

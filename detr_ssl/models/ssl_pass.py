@@ -26,9 +26,10 @@ def pad_to_multiple(samples: NestedTensor, multiple: int) -> NestedTensor:
 
 
 class SelfSupervisedMixin:
-    """``forward`` for detectors that implement ``run(samples, decode) -> (outputs, (tokens, pos))``,
-    where ``tokens`` and ``pos`` are the (B, h, w, C) encoder output and position embedding of
-    the level whose stride is the pretext task's patch size.
+    """``forward`` for detectors that implement ``run(samples, decode) -> (outputs, levels)``, where
+    ``levels`` lists the (B, h, w, C) encoder tokens and position embeddings of each level, the
+    first being the one whose stride is the pretext task's patch size (the others feed
+    ``--ssl_levels``).
 
     ``ssl_head`` (the pretext task, or None) and ``ssl_mode`` ('pretrain' or 'multitask') are
     set by the model's constructor. In evaluation a multi-task model only detects.
@@ -44,20 +45,29 @@ class SelfSupervisedMixin:
         task = self.ssl_head
         if task is None or (self.ssl_mode == "multitask" and not self.training):
             return self.run(samples, decode=True)[0]
-        samples = pad_to_multiple(samples, SIZE_DIVISIBILITY)
+        samples = pad_to_multiple(samples, self.ssl_size_divisibility())
         corrupted, targets = task.corrupt(samples.tensors, ~samples.mask)
         if self.ssl_mode == "pretrain":
-            outputs, (tokens, pos) = {}, self.run(NestedTensor(corrupted, samples.mask), decode=False)[1]
+            outputs, levels = {}, self.run(NestedTensor(corrupted, samples.mask), decode=False)[1]
         elif not task.corrupts_input:  # one clean pass serves detection and the task
-            outputs, (tokens, pos) = self.run(samples, decode=True)
+            outputs, levels = self.run(samples, decode=True)
         else:
             outputs = self.run(samples, decode=True)[0]
-            tokens, pos = self.run(NestedTensor(corrupted, samples.mask), decode=False)[1]
+            levels = self.run(NestedTensor(corrupted, samples.mask), decode=False)[1]
         outputs["ssl_outputs"] = {
-            "prediction": task.predict(tokens, pos, targets),
+            "prediction": task.predict(*levels[0], targets),
             "targets": targets,
             "images": samples.tensors,
             "corrupted": corrupted,
             "valid": ~samples.mask,
         }
+        if task.level_heads is not None:
+            outputs["ssl_outputs"]["level_predictions"] = task.level_heads([tokens for tokens, _ in levels[1:]])
         return outputs
+
+    def ssl_size_divisibility(self) -> int:
+        """Pad to the deepest backbone stride, and to the coarsest level's with ``--ssl_levels``,
+        so that every token grid the task reads covers the padded image exactly."""
+        if self.ssl_head.level_heads is None:
+            return SIZE_DIVISIBILITY
+        return max(SIZE_DIVISIBILITY, *self.ssl_head.level_heads.strides)

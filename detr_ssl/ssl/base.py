@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detr_ssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from detr_ssl.ssl.patches import patchify, unpatchify
+from detr_ssl.ssl.patches import patchify, token_to_pixel_mask, unpatchify
 
 if TYPE_CHECKING:
     from detr_ssl.ssl.tokenizer import Tokenizer
@@ -54,6 +54,7 @@ class PretextTask(nn.Module, abc.ABC):
 
     name: ClassVar[str]
     corrupts_input: ClassVar[bool] = True
+    level_heads: nn.Module | None = None  # --ssl_levels: a LevelHeads for the other encoder levels
     uses_tokenizer: ClassVar[bool] = False
     head: nn.Module
 
@@ -82,6 +83,18 @@ class PretextTask(nn.Module, abc.ABC):
     @abc.abstractmethod
     def loss(self, prediction: Tensor, targets: SSLTargets) -> dict[str, Tensor]:
         """``{"loss_ssl": scalar}``: the prediction scored against the targets where ``loss_mask`` is set."""
+
+    def outputs_loss(self, ssl_outputs: dict) -> dict[str, Tensor]:
+        """The loss of the model's ``ssl_outputs``: the task's own, averaged with the other
+        levels' pixel losses under ``--ssl_levels`` (see :mod:`detr_ssl.ssl.levels`)."""
+        losses = self.loss(ssl_outputs["prediction"], ssl_outputs["targets"])
+        level_predictions = ssl_outputs.get("level_predictions")
+        if level_predictions:
+            changed = token_to_pixel_mask(ssl_outputs["targets"].loss_mask, self.patch_size)[:, 0]
+            levels = self.level_heads.loss(level_predictions, ssl_outputs["images"], ssl_outputs["valid"], changed)
+            count = len(level_predictions) + 1
+            losses["loss_ssl"] = (losses["loss_ssl"] + levels * (count - 1)) / count
+        return losses
 
     def prediction_patches(self, prediction: Tensor, targets: SSLTargets, corrupted_patches: Tensor) -> Tensor:
         """(B, h, w, p*p*3) picture of the prediction: predicted pixels where the loss looks."""
