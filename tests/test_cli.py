@@ -52,9 +52,11 @@ def test_two_iteration_run_writes_checkpoint_config_tensorboard_and_results(tmp_
     assert reparsed.model == (model_flags[1] if model_flags else "detr")
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("model_flags", [[], DEFORMABLE, ["--ssl_task", "mim_continuous"]],
+                         ids=["detr", "deformable_detr", "detr_mim"])
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, model_flags):
     flags = ["--deterministic", "--limit_train_batches", "2", "--limit_val_batches", "1", "--keep_last", "0",
-             "--no-tensorboard", "--augment", "--eval_every", "10"]
+             "--no-tensorboard", "--augment", "--eval_every", "10", *model_flags]
     run_cli(tmp_path / "straight", "--epochs", "2", *flags)
     run_cli(tmp_path / "halves", "--epochs", "1", *flags)
     run_cli(tmp_path / "halves", "--epochs", "2", "--resume", str(tmp_path / "halves" / "checkpoint.pth"), *flags)
