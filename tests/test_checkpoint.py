@@ -189,6 +189,8 @@ def test_rotation_keeps_latest_and_last_k(tmp_path):
         "checkpoint.pth", "checkpoint0003.pth", "checkpoint0004.pth", "notes.txt"
     ]
     assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 4
+    # each numbered copy keeps its own epoch after checkpoint.pth was replaced
+    assert [load_checkpoint(tmp_path / f"checkpoint000{e}.pth")["epoch"] for e in (3, 4)] == [3, 4]
 
     rotate_checkpoints(tmp_path, keep_last=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth", "notes.txt"]

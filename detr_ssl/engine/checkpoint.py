@@ -144,12 +144,23 @@ def rotate_checkpoints(output_dir: str | os.PathLike, keep_last: int) -> None:
 def save_epoch_checkpoint(output_dir: str | os.PathLike, state: dict[str, Any], keep_last: int) -> None:
     """Save ``checkpoint.pth`` and, with ``keep_last`` > 0, ``checkpoint{epoch:04d}.pth``.
 
+    The numbered copy is a hard link to the same bytes (written once; a later ``os.replace`` of
+    ``checkpoint.pth`` leaves it intact), or a second write where links are not supported.
     Older numbered files are deleted only once the new ones are on disk.
     """
     output_dir = Path(output_dir)
-    save_checkpoint(output_dir / LATEST, state)
+    latest = output_dir / LATEST
+    save_checkpoint(latest, state)
     if keep_last > 0:
-        save_checkpoint(output_dir / f"checkpoint{state['epoch']:04d}.pth", state)
+        numbered = output_dir / f"checkpoint{state['epoch']:04d}.pth"
+        link = numbered.with_name(f".{numbered.name}.link")
+        try:
+            link.unlink(missing_ok=True)
+            os.link(latest, link)
+            os.replace(link, numbered)
+        except OSError:
+            link.unlink(missing_ok=True)
+            save_checkpoint(numbered, state)
     rotate_checkpoints(output_dir, keep_last)
 
 
