@@ -3,6 +3,7 @@
     python scripts/benchmark_train.py --model detr              # DETR-R50, batch 2, 512x512, 100 queries, fp32
     python scripts/benchmark_train.py --model deformable_detr   # Deformable DETR-R50, 4 levels, 300 queries
     python scripts/benchmark_train.py --model deformable_detr --msda_backend pytorch   # any main.py flag passes through
+    python scripts/benchmark_train.py --model detr --amp        # bfloat16 autocast on a CPU
 
 Inputs are real sample photos resized to SIZE x SIZE with their real boxes, so the matcher and
 losses do real work. Timing excludes data loading.
@@ -25,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from detr_ssl.config import parse_args  # noqa: E402
 from detr_ssl.data import build_dataset, collate_fn  # noqa: E402
+from detr_ssl.engine.amp import amp_dtype, autocast, to_float32  # noqa: E402
 from detr_ssl.engine.optim import build_optimizer  # noqa: E402
 from detr_ssl.engine.train import weighted_loss  # noqa: E402
 from detr_ssl.models import build_model  # noqa: E402
@@ -65,7 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     samples, targets = sample_batch(args, opts.batch_size, opts.size, device)
 
     def step() -> None:
-        loss = weighted_loss(criterion(model(samples), targets), criterion.weight_dict)
+        with autocast(args, device):
+            outputs = to_float32(model(samples))
+        loss = weighted_loss(criterion(outputs, targets), criterion.weight_dict)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     print(json.dumps({
         "benchmark": "train_step", "model": opts.model, "batch_size": opts.batch_size, "size": opts.size,
-        "queries": args.num_queries, "precision": "fp32", "device": str(device),
+        "queries": args.num_queries, "precision": str(amp_dtype(args, device) or torch.float32).replace("torch.", ""), "device": str(device),
         "s_per_it": round(seconds, 4), "s_per_it_min": round(min(times), 4), "imgs_per_s": round(opts.batch_size / seconds, 3),
         "peak_memory_mb": round(peak / 2**20, 1), "iters": opts.iters,
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "platform": platform.platform(),
