@@ -284,6 +284,9 @@ def test_ground_truth_predictions_score_ap_one(tmp_path, caplog, limit_val_batch
     assert metrics["AR12"] == pytest.approx(1.0)  # max_dets != 100: pycocotools' summarize() would give -1
     assert len(metrics["coco_eval_bbox"]) == 12 and metrics["coco_eval_bbox"][0] == metrics["AP"]
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets= 12 ]" in caplog.text
+    measured = {name: ap for name, ap in metrics["per_class_AP"].items() if ap >= 0}
+    assert measured and all(ap == pytest.approx(1.0) for ap in measured.values())
+    assert "AP per category" in caplog.text
 
     results = json.loads((tmp_path / "results_0007.json").read_text())
     evaluated = [1, 2] if limit_val_batches else [1, 2, 3]
@@ -294,6 +297,14 @@ def test_ground_truth_predictions_score_ap_one(tmp_path, caplog, limit_val_batch
 
     val_scalars = {k for prefix, step, values in tb.calls if prefix == "val" and step == 7 for k in values}
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "loss", "loss_bbox"} <= val_scalars
+
+
+def test_a_category_without_ground_truth_is_reported_not_scored(tmp_path, caplog):
+    coco = coco_ground_truth([a for a in ANNOTATIONS if a["category_id"] == 3])  # no person boxes at all
+    with caplog.at_level(logging.INFO, logger=LOGGER.name):
+        metrics, _ = run_evaluate(coco, PostProcess(), tmp_path, limit_val_batches=None)
+    assert metrics["per_class_AP"] == {"person": -1.0, "car": pytest.approx(1.0)}
+    assert "no ground truth in the evaluated images, so no AP, for 1 categories: person" in caplog.text
 
 
 def test_no_detections_give_ap_zero(tmp_path, caplog):

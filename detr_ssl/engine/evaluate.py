@@ -73,16 +73,18 @@ def _merge(per_process: list[Detections]) -> Detections:
     return merged
 
 
-def coco_bbox_stats(coco_gt: COCO, detections: Detections, max_dets: int, logger: logging.Logger) -> list[float]:
-    """COCOeval's 12 box metrics over exactly the images in ``detections``, table logged.
+def coco_bbox_stats(coco_gt: COCO, detections: Detections, max_dets: int,
+                    logger: logging.Logger) -> tuple[list[float], dict[str, float]]:
+    """COCOeval's 12 box metrics and the AP of each category over exactly the images in
+    ``detections``, tables logged.
 
     No detections at all gives zeros (pycocotools cannot load an empty result list); images
-    without ground truth give pycocotools' -1 ("undefined").
+    without ground truth give pycocotools' -1 ("undefined"), as do categories without any.
     """
     results = [dict(result) for results in detections.values() for result in results]
     if not results:
         logger.warning("no detections in the %d evaluated images: every COCO metric is 0", len(detections))
-        return [0.0] * 12
+        return [0.0] * 12, {}
     image_ids = sorted(detections)
     if not coco_gt.getAnnIds(imgIds=image_ids):
         logger.warning("no ground-truth boxes in the %d evaluated images: COCO metrics are undefined (-1)", len(image_ids))
@@ -94,7 +96,31 @@ def coco_bbox_stats(coco_gt: COCO, detections: Detections, max_dets: int, logger
         coco_eval.accumulate()
     stats, lines = zip(*(_summary_row(coco_eval, *row) for row in _SUMMARY_ROWS))
     logger.info("COCO box metrics on %d images:\n%s", len(image_ids), "\n".join(lines))
-    return list(stats)
+    per_class = per_class_ap(coco_eval, coco_gt)
+    _log_per_class(per_class, logger)
+    return list(stats), per_class
+
+
+def per_class_ap(coco_eval: COCOeval, coco_gt: COCO) -> dict[str, float]:
+    """AP@[.50:.95] (all areas, the largest maxDets) of each category; -1 where it has no ground truth."""
+    precision = coco_eval.eval["precision"][:, :, :, coco_eval.params.areaRngLbl.index("all"), -1]  # [T, R, K]
+    per_class = {}
+    for index, category_id in enumerate(coco_eval.params.catIds):
+        values = precision[:, :, index]
+        valid = values[values > -1]
+        per_class[coco_gt.cats[category_id]["name"]] = float(valid.mean()) if valid.size else -1.0
+    return per_class
+
+
+def _log_per_class(per_class: dict[str, float], logger: logging.Logger) -> None:
+    measured = {name: ap for name, ap in per_class.items() if ap >= 0}
+    width = max((len(name) for name in measured), default=0)
+    rows = [f"  {name:<{width}}  {ap:.3f}" for name, ap in sorted(measured.items(), key=lambda item: -item[1])]
+    logger.info("AP per category (%d with ground truth):\n%s", len(measured), "\n".join(rows))
+    missing = [name for name, ap in per_class.items() if ap < 0]
+    if missing:
+        logger.info("no ground truth in the evaluated images, so no AP, for %d categories: %s", len(missing),
+                    ", ".join(missing))
 
 
 def _summary_row(coco_eval: COCOeval, kind: str, iou: float | None, area: str, det_index: int) -> tuple[float, str]:
@@ -157,9 +183,9 @@ def evaluate(
         if output_dir:
             _write_results(Path(output_dir) / f"results_{epoch:04d}.json", detections)
         stats = coco_bbox_stats(coco_gt, detections, args.max_dets, logger)
-    stats = all_gather_object(stats)[0]
+    stats, per_class = all_gather_object(stats)[0]
     metrics = dict(zip(stat_names(args.max_dets), stats))
     tb.scalars({name: metrics[name] for name in TENSORBOARD_METRICS}, epoch, "val")
     tb.scalars(meter.summary(), epoch, "val")
     logger.info("epoch %d val: %s", epoch, meter.format())
-    return {"coco_eval_bbox": stats, **metrics, **meter.summary()}
+    return {"coco_eval_bbox": stats, **metrics, "per_class_AP": per_class, **meter.summary()}
