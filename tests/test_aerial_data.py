@@ -1,0 +1,347 @@
+"""scripts/prepare_isaid.py and scripts/dota_to_coco.py: patch grid, clipping rule, real iSAID
+sample, DOTA parsing and checks."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from detr_ssl.data.coco import CocoDetection
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ISAID_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "isaid_sample"  # P0005 (train) of the shared sample
+
+# pycocotools' mask.decode trips a numpy 2 deprecation inside pycocotools itself.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare_isaid = load_script("prepare_isaid")
+dota_to_coco = load_script("dota_to_coco")
+Window = prepare_isaid.Window
+
+
+# --- patch grid ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("length", "patch", "overlap", "origins"), [
+    (1600, 800, 200, [0, 600, 800]),      # last window shifted inwards from 1200 to 800
+    (1400, 800, 200, [0, 600]),           # exact multiple: no extra window
+    (2000, 800, 200, [0, 600, 1200]),     # exact multiple with three windows
+    (800, 800, 200, [0]),
+    (500, 800, 200, [0]),                 # smaller than the patch: one window of the image length
+    (884, 512, 128, [0, 372]),
+    (977, 512, 128, [0, 384, 465]),
+    (801, 800, 0, [0, 1]),
+])
+def test_patch_origins(length, patch, overlap, origins):
+    assert prepare_isaid.patch_origins(length, patch, overlap) == origins
+
+
+@pytest.mark.parametrize(("patch", "overlap"), [(800, 200), (512, 128), (100, 0), (64, 63)])
+def test_patch_grid_covers_every_pixel_without_padding(patch, overlap):
+    for length in [*range(1, 400, 7), 799, 800, 801, 1400, 1401, 2999]:
+        origins = prepare_isaid.patch_origins(length, patch, overlap)
+        size = min(patch, length)
+        covered = np.zeros(length, dtype=bool)
+        for start in origins:
+            assert 0 <= start and start + size <= length
+            covered[start:start + size] = True
+        assert covered.all(), (length, origins)
+        assert origins == sorted(set(origins)) and origins[-1] + size == length
+        assert all(b - a <= patch - overlap for a, b in zip(origins, origins[1:]))  # at least the overlap
+
+
+def test_patch_windows_and_bad_arguments():
+    windows = prepare_isaid.patch_windows(1000, 300, 800, 200)
+    assert windows == [Window(0, 0, 800, 300), Window(200, 0, 1000, 300)]
+    for patch, overlap in [(0, 0), (800, 800), (800, -1)]:
+        with pytest.raises(ValueError, match="overlap < patch"):
+            prepare_isaid.patch_origins(1000, patch, overlap)
+
+
+# --- clipping one instance ----------------------------------------------------------------------
+
+def box_ann(x, y, w, h, **extra):
+    return {"id": 1, "image_id": 1, "category_id": 1, "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, **extra}
+
+
+def test_clip_box_inside_straddling_and_outside():
+    window = Window(50, 0, 100, 100)
+    inside = prepare_isaid.clip_instance(box_ann(60, 10, 20, 10), window, 0.5)
+    assert inside == {"bbox": [10, 10, 20, 10], "area": 200, "iscrowd": 0}
+    half = box_ann(90, 30, 20, 10)  # x 90..110: half of it lies in the window
+    assert prepare_isaid.clip_instance(half, window, 0.5) == {"bbox": [40, 30, 10, 10], "area": 100.0, "iscrowd": 0}
+    assert prepare_isaid.clip_instance(half, window, 0.6) is None
+    quarter = box_ann(95, 30, 20, 10)  # x 95..115: a quarter inside
+    assert prepare_isaid.clip_instance(quarter, window, 0.5) is None
+    assert prepare_isaid.clip_instance(quarter, window, 0.25)["bbox"] == [45, 30, 5, 10]
+    left_edge = box_ann(40, 0, 20, 10)  # straddles the window's left and top edges
+    assert prepare_isaid.clip_instance(left_edge, window, 0.5)["bbox"] == [0, 0, 10, 10]
+    assert prepare_isaid.clip_instance(box_ann(0, 0, 50, 10), window, 0.0) is None  # touches, no area
+    assert prepare_isaid.clip_instance(box_ann(120, 0, 5, 5), window, 0.0) is None
+
+
+def test_clip_polygon_gives_a_tighter_box():
+    # A diamond |x-50| + |y-50| <= 10 (area 200), cut at x = 45: the tip is a triangle of area 25.
+    diamond = box_ann(40, 40, 20, 20, segmentation=[[50, 40, 60, 50, 50, 60, 40, 50]], area=200)
+    window = Window(0, 0, 45, 100)
+    clipped = prepare_isaid.clip_instance(diamond, window, 0.1)
+    assert clipped["bbox"] == [40, 45, 5, 10]  # the clipped bbox would be [40, 40, 5, 20]
+    assert clipped["area"] == 25.0
+    points = np.array(clipped["segmentation"][0]).reshape(-1, 2)
+    assert prepare_isaid.polygon_area(points) == 25.0
+    assert points[:, 0].max() == 45 and points[:, 0].min() == 40
+    assert prepare_isaid.clip_instance(diamond, window, 0.2) is None
+    shifted = prepare_isaid.clip_instance(diamond, Window(30, 35, 130, 135), 0.5)  # wholly inside
+    assert shifted == {"bbox": [10, 5, 20, 20], "area": 200, "iscrowd": 0,
+                       "segmentation": [[20, 5, 30, 15, 20, 25, 10, 15]]}
+
+
+def test_clip_polygon_keeps_isaid_pixel_centre_margins():
+    # iSAID: polygons through boundary-pixel centres, bbox 1 px wider on the right and bottom.
+    square = box_ann(10, 10, 10, 10, segmentation=[[10, 10, 19, 10, 19, 19, 10, 19]], area=100)
+    clipped = prepare_isaid.clip_instance(square, Window(15, 0, 100, 100), 0.4)
+    assert clipped["bbox"] == [0, 10, 5, 10]  # x 15..19 widened to 20, patch origin 15
+    assert clipped["area"] == pytest.approx(100 * 4 / 9, abs=0.01)
+    right = prepare_isaid.clip_instance(square, Window(0, 0, 15, 100), 0.4)
+    assert right["bbox"] == [10, 10, 5, 10]  # widened to 16 but cut at the patch edge 15
+
+
+def test_clip_rle_mask():
+    mask = np.zeros((20, 30), dtype=np.uint8, order="F")
+    mask[5:10, 10:20] = 1
+    rle = mask_utils.encode(mask)
+    rle["counts"] = rle["counts"].decode("ascii")
+    ann = box_ann(10, 5, 10, 5, segmentation=rle, area=50, iscrowd=1)
+    clipped = prepare_isaid.clip_instance(ann, Window(15, 0, 30, 20), 0.5)
+    assert clipped["bbox"] == [0, 5, 5, 5] and clipped["area"] == 25.0 and clipped["iscrowd"] == 1
+    assert np.array_equal(mask_utils.decode(clipped["segmentation"]), mask[:, 15:30])
+    assert prepare_isaid.clip_instance(ann, Window(17, 0, 30, 20), 0.5) is None
+
+
+# --- the real sample ----------------------------------------------------------------------------
+
+@pytest.fixture()
+def isaid_src(tmp_path) -> Path:
+    src = tmp_path / "isaid"
+    shutil.copytree(ISAID_FIXTURE, src)
+    return src
+
+
+def run_prepare(capsys, *argv: str) -> tuple[int, dict | None]:
+    status = prepare_isaid.main(list(argv))
+    lines = capsys.readouterr().out.strip().splitlines()
+    return status, json.loads(lines[-1]) if status == 0 else None
+
+
+def rasterised(segmentation: list, width: int, height: int) -> np.ndarray:
+    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width)))
+
+
+def test_prepare_isaid_sample(isaid_src, tmp_path, capsys):
+    out = tmp_path / "patches"
+    argv = ["--src", str(isaid_src), "--out", str(out), "--patch", "512", "--overlap", "128", "--splits", "train"]
+    status, summary = run_prepare(capsys, *argv)
+    assert status == 0
+    source = json.loads((isaid_src / "train" / "instancesonly_filtered_train.json").read_text())
+    prepared = json.loads((out / "annotations" / "instances_train.json").read_text())
+    counts = summary["train"]
+    assert counts == {"images": 1, "patches": 6, "patches_written": 6, "source_instances": 131,
+                      "instances_kept": len(prepared["annotations"]), "instances_dropped": counts["instances_dropped"],
+                      "instances_in_no_patch": 0}
+    assert counts["instances_kept"] > 131 and counts["instances_dropped"] > 0
+    assert prepared["categories"] == source["categories"]
+
+    coco = COCO(str(out / "annotations" / "instances_train.json"))
+    assert sorted(coco.imgs) == list(range(1, 7)) and sorted(coco.anns) == list(range(1, counts["instances_kept"] + 1))
+    with Image.open(isaid_src / "train" / "images" / "P0005.png") as full:
+        full_pixels = np.asarray(full)
+    for image in prepared["images"]:
+        x0, y0, w, h = image["x0"], image["y0"], image["width"], image["height"]
+        assert image["file_name"] == f"P0005_{x0}_{y0}.png" and (w, h) == (512, 512)
+        with Image.open(out / "train" / image["file_name"]) as patch:
+            assert np.array_equal(np.asarray(patch), full_pixels[y0:y0 + h, x0:x0 + w])
+
+    sources = {ann["id"]: ann for ann in source["annotations"]}
+    images = {image["id"]: image for image in prepared["images"]}
+    whole = set()
+    for ann in prepared["annotations"]:
+        image, original = images[ann["image_id"]], sources[ann["source_annotation_id"]]
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= image["width"] and y + h <= image["height"]
+        assert ann["category_id"] == original["category_id"] and ann["iscrowd"] == original["iscrowd"]
+        ox, oy, ow, oh = original["bbox"]
+        if [ox - image["x0"], oy - image["y0"], ow, oh] == ann["bbox"]:
+            whole.add(original["id"])
+            assert ann["area"] == original["area"]
+            continue
+        # Truncated: the kept fraction agrees with the rasterised polygon, and is >= min_area_frac.
+        fraction = ann["area"] / original["area"]
+        mask = rasterised(original["segmentation"], 884, 977)
+        in_patch = mask[image["y0"]:image["y0"] + 512, image["x0"]:image["x0"] + 512].sum() / mask.sum()
+        assert fraction >= 0.5 and fraction == pytest.approx(in_patch, abs=0.05)
+    assert whole == set(sources)  # every object is smaller than the overlap, so one patch holds it whole
+
+    dataset = CocoDetection(out / "train", out / "annotations" / "instances_train.json",
+                            transforms=lambda image, target: (image, target))
+    assert len(dataset) == 6 and dataset[0][0].size == (512, 512)
+
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "train").iterdir()}
+    json_bytes = (out / "annotations" / "instances_train.json").read_bytes()
+    status, again = run_prepare(capsys, *argv)
+    assert status == 0 and again["train"] == {**counts, "patches_written": 0}
+    assert {p: p.stat().st_mtime_ns for p in (out / "train").iterdir()} == mtimes
+    assert (out / "annotations" / "instances_train.json").read_bytes() == json_bytes
+
+
+def test_prepare_isaid_rewrites_a_wrong_patch_and_reads_the_test_split(isaid_src, tmp_path, capsys):
+    test_dir = isaid_src / "test"
+    (test_dir / "images").mkdir(parents=True)
+    Image.new("RGB", (600, 300), "gray").save(test_dir / "images" / "T1.png")
+    categories = json.loads((isaid_src / "train" / "instancesonly_filtered_train.json").read_text())["categories"]
+    info = {"images": [{"id": 1, "file_name": "T1.png", "width": 600, "height": 300}], "categories": categories}
+    (test_dir / "image_info_test.json").write_text(json.dumps(info))
+    out = tmp_path / "patches"
+    (out / "test").mkdir(parents=True)
+    Image.new("RGB", (10, 10)).save(out / "test" / "T1_88_0.png")  # a leftover of the wrong size
+    status, summary = run_prepare(capsys, "--src", str(isaid_src), "--out", str(out), "--patch", "512",
+                                  "--overlap", "128", "--splits", "test")
+    assert status == 0 and summary["test"]["patches"] == summary["test"]["patches_written"] == 2
+    prepared = json.loads((out / "annotations" / "instances_test.json").read_text())
+    assert prepared["annotations"] == [] and prepared["categories"] == categories
+    with Image.open(out / "test" / "T1_88_0.png") as patch:
+        assert patch.size == (512, 300)
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_prepare_isaid_errors_name_the_file_and_record(isaid_src, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(prepare_isaid.DataError, match="split folder not found: .*val"):
+        prepare_isaid.prepare_split(isaid_src, out, "val", 512, 128, 0.5)
+    (isaid_src / "val").mkdir()
+    with pytest.raises(prepare_isaid.DataError, match="instancesonly_filtered_val.json and .*image_info_val.json"):
+        prepare_isaid.prepare_split(isaid_src, out, "val", 512, 128, 0.5)
+
+    json_path = isaid_src / "train" / "instancesonly_filtered_train.json"
+    coco = json.loads(json_path.read_text())
+    coco["annotations"][3]["bbox"] = [870, 10, 30, 20]  # past the 884 px wide image
+    json_path.write_text(json.dumps(coco))
+    with pytest.raises(prepare_isaid.DataError, match=r"annotation id 4 \(image P0005.png\).*outside the 884x977"):
+        prepare_isaid.prepare_split(isaid_src, out, "train", 512, 128, 0.5)
+
+    (isaid_src / "train" / "images" / "P0005.png").unlink()
+    coco["annotations"][3]["bbox"] = [800, 10, 30, 20]
+    json_path.write_text(json.dumps(coco))
+    assert prepare_isaid.main(["--src", str(isaid_src), "--out", str(out), "--splits", "train"]) == 1
+    assert "image file missing: " in capsys.readouterr().err
+
+
+# --- DOTA ---------------------------------------------------------------------------------------
+
+HAND_LABELS = """imagesource:GoogleEarth
+gsd:0.146343590398
+10 20 50 20 50 60 10 60 plane 0
+100.5 5 130 15 120 45 90.5 35 small-vehicle 1
+
+-5 70 30 70 30 90 -5 90 ship 0
+150 10 190 10 190 30 150 30 harbor
+"""
+
+
+def make_dota(root: Path, labels: dict[str, str | None]) -> tuple[Path, Path]:
+    """images/ and labelTxt/ with a 200x80 image per name; None: an image without a label file."""
+    images, label_dir = root / "images", root / "labelTxt"
+    images.mkdir(parents=True)
+    label_dir.mkdir()
+    for name, text in labels.items():
+        Image.new("RGB", (200, 80)).save(images / f"{name}.png")
+        if text is not None:
+            (label_dir / f"{name}.txt").write_text(text)
+    return images, label_dir
+
+
+def test_dota_hand_made_labels(tmp_path):
+    images, labels = make_dota(tmp_path, {"P0001": HAND_LABELS})
+    coco, problems, counts = dota_to_coco.convert(images, labels, dota_to_coco.load_classes(None))
+    boxes = [(ann["category_id"], ann["bbox"], ann["difficult"]) for ann in coco["annotations"]]
+    assert boxes == [(1, [10, 20, 40, 40], 0), (11, [90.5, 5, 39.5, 40], 1), (2, [0, 70, 30, 10], 0),
+                     (8, [150, 10, 40, 20], 0)]
+    assert coco["images"] == [{"id": 1, "file_name": "P0001.png", "width": 200, "height": 80}]
+    assert [c["name"] for c in coco["categories"]] == dota_to_coco.DOTA_V1_CLASSES
+    assert [str(p) for p in problems] == [f"warning: {labels / 'P0001.txt'}:6: corner outside the 200x80 image in "
+                                          "(-5.0, 70.0, 30.0, 70.0, 30.0, 90.0, -5.0, 90.0); box clipped to the image"]
+    assert counts == {"images": 1, "label_files": 1, "objects": 4, "difficult": 1, "skipped_difficult": 0}
+    coco, _, counts = dota_to_coco.convert(images, labels, dota_to_coco.load_classes(None), skip_difficult=True)
+    assert [ann["category_id"] for ann in coco["annotations"]] == [1, 2, 8] and counts["skipped_difficult"] == 1
+
+
+def test_dota_check_names_every_problem(tmp_path, capsys):
+    images, labels = make_dota(tmp_path, {
+        "good": "imagesource:GoogleEarth\n10 20 50 20 50 60 10 60 plane 0\n",
+        "bad": "10 20 50 20 50 60 10 60 container-crane 0\n1 2 3 plane 0\n300 10 310 10 310 20 300 20 ship 0\n",
+        "empty": "imagesource:GoogleEarth\ngsd:null\n",
+        "unlabelled": None,
+    })
+    (labels / "orphan.txt").write_text("10 20 50 20 50 60 10 60 plane 0\n")
+    out = tmp_path / "train.json"
+    status = dota_to_coco.main(["--images", str(images), "--labels", str(labels), "--out", str(out), "--check"])
+    captured = capsys.readouterr()
+    assert status == 1 and not out.exists()
+    assert f"error: {labels / 'bad.txt'}:1: unknown class 'container-crane'" in captured.err
+    assert f"error: {labels / 'bad.txt'}:2: malformed line '1 2 3 plane 0'" in captured.err
+    assert f"error: {labels / 'bad.txt'}:3: box of " in captured.err
+    assert f"warning: {labels / 'empty.txt'}: empty label file" in captured.err
+    assert f"warning: {images / 'unlabelled.png'}: image without a label file" in captured.err
+    assert f"warning: {labels / 'orphan.txt'}: label file without an image" in captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["errors"] == 3 and summary["warnings"] == 3 and summary["out"] is None
+
+    (labels / "bad.txt").unlink()
+    assert dota_to_coco.main(["--images", str(images), "--labels", str(labels), "--out", str(out)]) == 0
+    assert len(json.loads(out.read_text())["annotations"]) == 1  # harmless problems are not errors
+    assert dota_to_coco.main(["--images", str(images), "--labels", str(labels), "--out", str(out), "--check"]) == 1
+    for path in (labels / "empty.txt", labels / "orphan.txt", images / "empty.png", images / "unlabelled.png",
+                 images / "bad.png"):
+        path.unlink()
+    assert dota_to_coco.main(["--images", str(images), "--labels", str(labels), "--out", str(out), "--check"]) == 0
+
+
+def test_dota_round_trip_on_the_isaid_sample(tmp_path, capsys):
+    """iSAID's boxes -> DOTA lines (the box corners) -> COCO json: the same boxes and classes."""
+    source = json.loads((ISAID_FIXTURE / "train" / "instancesonly_filtered_train.json").read_text())
+    images, labels = tmp_path / "images", tmp_path / "labelTxt"
+    images.mkdir()
+    labels.mkdir()
+    shutil.copy(ISAID_FIXTURE / "train" / "images" / "P0005.png", images)
+    names = {c["id"]: c["name"] for c in source["categories"]}
+    lines = ["imagesource:GoogleEarth", "gsd:0.13"]
+    for ann in source["annotations"]:
+        x, y, w, h = ann["bbox"]
+        corners = [x, y, x + w, y, x + w, y + h, x, y + h]
+        lines.append(" ".join(map(str, corners)) + f" {names[ann['category_id']]} 0")
+    (labels / "P0005.txt").write_text("\n".join(lines) + "\n")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(names[i] for i in sorted(names)) + "\n")
+    out = tmp_path / "instances_train.json"
+    status = dota_to_coco.main(["--images", str(images), "--labels", str(labels), "--out", str(out),
+                                "--classes", str(classes), "--check"])
+    assert status == 0, capsys.readouterr().err
+    converted = json.loads(out.read_text())
+    assert converted["images"][0] == {"id": 1, "file_name": "P0005.png", "width": 884, "height": 977}
+    assert [c["id"] for c in converted["categories"]] == [c["id"] for c in source["categories"]]
+    assert [(a["category_id"], a["bbox"]) for a in converted["annotations"]] == \
+        [(a["category_id"], a["bbox"]) for a in source["annotations"]]
