@@ -16,7 +16,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from .engine.runner import run  # imported after parsing so that --help answers instantly
 
-    run(args)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        sys.exit(130)  # 128 + SIGINT, the shell's code for a run stopped by Ctrl-C
 
 
 if __name__ == "__main__":

@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="main.py",
         description="Train and evaluate DETR-family detectors with self-supervised pretext tasks.\n"
-        "With no arguments, runs the demo (configs/demo.yaml) on data/sample.",
+        "With no arguments, runs the demo (configs/demo.yaml) on data/sample.\n\n"
+        "SIGTERM or SIGINT (Ctrl-C) during training finishes the optimizer step in progress, saves\n"
+        "OUTPUT_DIR/checkpoint.pth and stops: exit code 0 after SIGTERM, 130 after SIGINT. --resume\n"
+        "continues inside the interrupted epoch, at the next batch. A second signal while stopping is\n"
+        "ignored (SIGKILL stops at once; the checkpoint file is replaced atomically either way).",
         formatter_class=_HelpFormatter,
     )
     add = parser.add_argument
@@ -162,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--amp_dtype", type=str, default="auto", choices=("auto", "bfloat16", "float16"),
         help="autocast dtype under --amp; auto: bfloat16 on CPUs and GPUs that support it, else float16 (with loss scaling)")
     add("--clip_max_norm", type=float, default=0.1, help="gradient clipping max norm (0: no clipping)")
+    add("--max_bad_steps", type=int, default=5, metavar="N",
+        help="a non-finite loss skips its optimizer step (logged with the batch's image ids); after N such steps "
+             "in a row the run saves the last good state to OUTPUT_DIR/checkpoint.pth and fails")
 
     g = parser.add_argument_group("data")
     add = g.add_argument
@@ -229,7 +236,7 @@ def load_yaml_config(parser: argparse.ArgumentParser, path: str) -> dict[str, An
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject impossible values before any work starts, naming the flag."""
     positive = ["lr", "batch_size", "epochs", "hidden_dim", "nheads", "num_queries", "dim_feedforward",
-                "accum_steps", "min_size", "max_size", "max_dets", "lr_drop", "eval_every"]
+                "accum_steps", "min_size", "max_size", "max_dets", "lr_drop", "eval_every", "max_bad_steps"]
     for name in positive:
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")

@@ -2,17 +2,37 @@
 from __future__ import annotations
 
 import random
+import signal
+from collections.abc import Iterator
+from itertools import islice
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Give numpy and ``random`` in each worker a seed derived from the worker's torch seed."""
+def _init_worker(worker_id: int) -> None:
+    """Seed numpy and ``random`` in each worker from the worker's torch seed, and leave stop
+    signals to the main process: a worker killed by Ctrl-C or SIGTERM sent to the process group
+    would break the batch the main process is still finishing before it saves."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+class ResumableBatchSampler(BatchSampler):
+    """A ``BatchSampler`` that can start the epoch at batch ``start``: the batches before it are
+    skipped without being loaded, since loading would draw their random augmentation."""
+
+    start = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return max(super().__len__() - self.start, 0)
 
 
 def build_loader(dataset: Dataset, args, train: bool, collate_fn, rank: int = 0, world_size: int = 1) -> DataLoader:
@@ -25,19 +45,22 @@ def build_loader(dataset: Dataset, args, train: bool, collate_fn, rank: int = 0,
                                  drop_last=False)
     generator = torch.Generator()
     generator.manual_seed(args.seed)
-    batch_sampler = BatchSampler(sampler, args.batch_size, drop_last=train and len(dataset) >= args.batch_size * world_size)
+    drop_last = train and len(dataset) >= args.batch_size * world_size
+    batch_sampler = ResumableBatchSampler(sampler, args.batch_size, drop_last=drop_last)
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,
         collate_fn=collate_fn,
         num_workers=args.num_workers,
         pin_memory=torch.cuda.is_available() and str(args.device).startswith("cuda"),
-        worker_init_fn=_seed_worker,
+        worker_init_fn=_init_worker,
         generator=generator,
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int, seed: int) -> None:
-    """Reshuffle for ``epoch`` and reseed the augmentation of the workers from (seed, epoch)."""
+def set_epoch(loader: DataLoader, epoch: int, seed: int, start_batch: int = 0) -> None:
+    """Reshuffle for ``epoch``, reseed the augmentation of the workers from (seed, epoch) and
+    start at ``start_batch`` (a resumed epoch); ``len(loader)`` counts the batches left."""
     loader.batch_sampler.sampler.set_epoch(epoch)
+    loader.batch_sampler.start = start_batch
     loader.generator.manual_seed(seed * 100_003 + epoch)

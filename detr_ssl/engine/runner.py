@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import random
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -20,10 +21,11 @@ from ..models import COCO_NUM_CLASSES, build_model
 from ..ssl.schedule import schedule_value
 from ..utils import dist
 from ..utils.logging import TensorBoardLogger, setup_logging
-from .checkpoint import (build_checkpoint_state, load_checkpoint, load_model_state, load_pretrained_encoder,
-                         resume_training, save_epoch_checkpoint)
+from .checkpoint import (LATEST, build_checkpoint_state, load_checkpoint, load_model_state, load_pretrained_encoder,
+                         resume_training, save_checkpoint, save_epoch_checkpoint)
 from .amp import amp_dtype, build_grad_scaler
 from .evaluate import evaluate
+from .faults import BadSteps, Interrupted, StopTraining, TooManyBadSteps, stop_on_signals
 from .optim import build_lr_scheduler, build_optimizer
 from .train import train_one_epoch
 
@@ -119,6 +121,7 @@ def run(args: argparse.Namespace) -> dict:
     optimizer = build_optimizer(model_without_ddp, args)
     lr_scheduler = build_lr_scheduler(optimizer, args)
     scaler = build_grad_scaler(args, info.device)
+    start_batch = 0
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
         if args.eval:
@@ -128,6 +131,10 @@ def run(args: argparse.Namespace) -> dict:
             args.start_epoch = args.start_epoch if start is None else start
             if start is not None and "scaler" in checkpoint:
                 scaler.load_state_dict(checkpoint["scaler"])
+            if start is not None and "interrupted_at" in checkpoint:
+                start_batch = checkpoint["interrupted_at"]["batches"]
+                logger.info("epoch %d stopped after %d batches (%s): it continues from there", start, start_batch,
+                            checkpoint["interrupted_at"]["reason"])
             logger.info("resumed from %s", args.resume)
 
     loader_val = None if dataset_val is None else build_loader(dataset_val, args, train=False, collate_fn=collate_fn,
@@ -144,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
             logger.warning("evaluating on the training split '%s': the AP measures memorisation (an overfitting "
                            "check), not generalisation", args.train_split)
         stats = train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler,
-                      loader_train, loader_val, output_dir, tb, logger, eval_kwargs)
+                      loader_train, loader_val, output_dir, tb, logger, eval_kwargs, start_batch)
         report_outputs(output_dir, args.tensorboard, logger)
         return stats
     finally:
@@ -153,30 +160,76 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler, loader_train,
-          loader_val, output_dir: Path | None, tb: TensorBoardLogger, logger: logging.Logger, eval_kwargs: dict) -> dict:
-    """The epoch loop: train, step the schedule, checkpoint, evaluate, log."""
+          loader_val, output_dir: Path | None, tb: TensorBoardLogger, logger: logging.Logger, eval_kwargs: dict,
+          start_batch: int = 0) -> dict:
+    """The epoch loop: train, step the schedule, checkpoint, evaluate, log.
+
+    The first epoch starts at ``start_batch`` (a resumed mid-epoch stop). SIGTERM, SIGINT or
+    ``--max_bad_steps`` non-finite losses in a row stop the loop between optimizer steps, and the
+    state reached is checkpointed. Then SIGTERM returns (a clean exit), SIGINT raises
+    ``KeyboardInterrupt`` and non-finite losses raise ``TooManyBadSteps``.
+    """
     stats: dict = {}
     if args.start_epoch >= args.epochs:
         logger.warning("start epoch %d >= --epochs %d: nothing to train", args.start_epoch, args.epochs)
-    logger.info("training from epoch %d to %d on %d images", args.start_epoch, args.epochs - 1,
-                len(loader_train.dataset))
-    for epoch in range(args.start_epoch, args.epochs):
-        started = time.time()
-        set_epoch(loader_train, epoch, args.seed)
-        apply_ssl_schedules(model_without_ddp, criterion, args, epoch, logger)
-        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, eval_kwargs["device"], epoch, args,
-                                      tb, logger, scaler)
-        lr_scheduler.step()
-        if output_dir:
-            state = build_checkpoint_state(model_without_ddp, optimizer, lr_scheduler, epoch, args,  # collective
-                                           scaler=scaler.state_dict())
-            if dist.is_main_process():
-                save_epoch_checkpoint(output_dir, state, args.keep_last)
-        evaluated = loader_val is not None and ((epoch + 1) % args.eval_every == 0 or epoch == args.epochs - 1)
-        if evaluated:
-            stats = evaluate(model, criterion, postprocessors, loader_val, epoch=epoch, **eval_kwargs)
-        log_epoch(epoch, train_stats, stats if evaluated else {}, time.time() - started, output_dir, logger)
+    device = eval_kwargs["device"]
+    bad_steps = BadSteps(args.max_bad_steps)
+    with stop_on_signals(logger) as stop:
+        logger.info("training from epoch %d to %d on %d images", args.start_epoch, args.epochs - 1,
+                    len(loader_train.dataset))
+        try:
+            for epoch in range(args.start_epoch, args.epochs):
+                first_batch = start_batch if epoch == args.start_epoch else 0
+                signum = stop.agreed(device)  # a signal during the previous evaluation or checkpoint
+                if signum:
+                    raise Interrupted(signum, epoch, first_batch)
+                started = time.time()
+                set_epoch(loader_train, epoch, args.seed, first_batch)
+                apply_ssl_schedules(model_without_ddp, criterion, args, epoch, logger)
+                train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args, tb,
+                                              logger, scaler, first_batch, stop, bad_steps)
+                lr_scheduler.step()
+                if output_dir:
+                    state = build_checkpoint_state(model_without_ddp, optimizer, lr_scheduler, epoch,  # collective
+                                                   args, scaler=scaler.state_dict())
+                    if dist.is_main_process():
+                        save_epoch_checkpoint(output_dir, state, args.keep_last)
+                evaluated = loader_val is not None and ((epoch + 1) % args.eval_every == 0
+                                                        or epoch == args.epochs - 1)
+                if evaluated:
+                    stats = evaluate(model, criterion, postprocessors, loader_val, epoch=epoch, **eval_kwargs)
+                log_epoch(epoch, train_stats, stats if evaluated else {}, time.time() - started, output_dir, logger)
+        except StopTraining as stopped:
+            save_stopped_checkpoint(stopped, model_without_ddp, optimizer, lr_scheduler, scaler, args, output_dir,
+                                    logger)
+            if isinstance(stopped, TooManyBadSteps):
+                logger.error("%s", stopped)
+                raise
+            if stopped.signum == signal.SIGINT:
+                raise KeyboardInterrupt from stopped
     return stats
+
+
+def save_stopped_checkpoint(stopped: StopTraining, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            lr_scheduler, scaler: torch.amp.GradScaler, args: argparse.Namespace,
+                            output_dir: Path | None, logger: logging.Logger) -> None:
+    """Checkpoint the state of a stopped run as OUTPUT_DIR/checkpoint.pth (collective).
+
+    ``epoch`` is the last completed epoch, as in every checkpoint, and ``interrupted_at`` holds
+    how many batches of the next one the state includes: ``--resume`` continues at that batch.
+    The numbered per-epoch checkpoints are left alone.
+    """
+    if not output_dir:
+        logger.warning("%s; nothing saved (no --output_dir)", stopped)
+        return
+    interrupted_at = {"epoch": stopped.epoch, "batches": stopped.batches, "reason": stopped.reason}
+    state = build_checkpoint_state(model, optimizer, lr_scheduler, stopped.epoch - 1, args,
+                                   scaler=scaler.state_dict(), interrupted_at=interrupted_at)
+    path = output_dir / LATEST
+    logger.info("%s; saving %s", stopped, path)
+    if dist.is_main_process():
+        save_checkpoint(path, state)
+    logger.info("saved; continue with --resume %s", path)
 
 
 def report_outputs(output_dir: Path | None, tensorboard: bool, logger: logging.Logger) -> None:

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from detr_ssl.engine.amp import autocast, build_grad_scaler, to_float32
+from detr_ssl.engine.faults import BadSteps, Interrupted, StopRequest, TooManyBadSteps
 from detr_ssl.utils.dist import is_main_process, reduce_dict
 from detr_ssl.utils.logging import MetricTracker, TensorBoardLogger
 from detr_ssl.utils.misc import NestedTensor
@@ -31,9 +32,13 @@ def to_device(samples: NestedTensor, targets: Targets, device: torch.device | st
     return samples.to(device, non_blocking=True), targets
 
 
-def batch_limit(data_loader: Sized, limit: int | None) -> int:
-    """How many batches an epoch runs: all of them, or at most ``limit``."""
-    return len(data_loader) if limit is None else min(len(data_loader), limit)
+def batch_limit(data_loader: Sized, limit: int | None, start: int = 0) -> int:
+    """How many batches an epoch runs: all of them, or at most ``limit``.
+
+    A loader resumed at batch ``start`` yields (and counts) only the batches from there on.
+    """
+    total = start + len(data_loader)
+    return total if limit is None else min(total, limit)
 
 
 def image_ids(targets: Targets) -> list[int]:
@@ -61,17 +66,37 @@ def _accumulation_window(index: int, accum_steps: int, num_batches: int) -> tupl
     return size, index == start + size - 1
 
 
-def _check_finite(losses: dict[str, Tensor], epoch: int, index: int, targets: Targets) -> None:
-    """Stop at the first non-finite loss, naming the batch so that its images can be inspected.
+def _warn_non_finite(losses: dict[str, Tensor], epoch: int, index: int, targets: Targets,
+                     logger: logging.Logger) -> None:
+    """Name the batch of a non-finite loss, so that its images can be inspected (each process
+    logs its own share of the batch)."""
+    logger.warning("non-finite loss %s at epoch %d, batch %d: its optimizer step is skipped; image ids of the "
+                   "batch: %s; losses: %s", losses["loss"].item(), epoch, index, image_ids(targets),
+                   ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items()))
 
-    ``losses`` are averaged over processes, so every process stops at the same step.
+
+def _skip_step(model: nn.Module, optimizer: torch.optim.Optimizer, buffers: list[Tensor], bad_steps: BadSteps,
+               epoch: int, batches: int, tb: TensorBoardLogger, step: int) -> None:
+    """Drop an accumulation window that had a non-finite loss: no update, and its gradients and
+    buffer changes (batch-norm statistics) are undone, so the model stays the last good one.
+
+    Every process skips the same windows: the losses they test are averaged over processes.
+    A float16 ``GradScaler`` still skips the steps whose gradients overflow on its own; those
+    have finite losses and do not count here.
     """
-    if not math.isfinite(losses["loss"].item()):
-        raise FloatingPointError(
-            f"non-finite loss {losses['loss'].item()} at epoch {epoch}, step {index}; "
-            f"image ids of the batch: {image_ids(targets)}; losses: "
-            + ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
-        )
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for buffer, saved in zip(model.buffers(), buffers):
+            buffer.copy_(saved)
+    bad_steps.in_a_row += 1
+    bad_steps.total += 1
+    tb.scalars({"bad_steps": bad_steps.total}, step, "train")
+    if bad_steps.in_a_row >= bad_steps.limit:
+        raise TooManyBadSteps(
+            f"{bad_steps.in_a_row} optimizer steps in a row had a non-finite loss (--max_bad_steps "
+            f"{bad_steps.limit}), the last one ending after {batches} batches of epoch {epoch}; the model is "
+            "the one of the last good step. Lower --lr, clip with --clip_max_norm or check the images logged above.",
+            epoch, batches, reason="non-finite losses")
 
 
 @torch.no_grad()
@@ -105,26 +130,41 @@ def train_one_epoch(
     tb: TensorBoardLogger,
     logger: logging.Logger,
     scaler: torch.amp.GradScaler | None = None,
+    start_batch: int = 0,
+    stop: StopRequest | None = None,
+    bad_steps: BadSteps | None = None,
 ) -> dict[str, float]:
     """Train for one epoch and return the epoch means of the losses (and the learning rate).
 
     Gradients are accumulated over ``args.accum_steps`` batches, each loss divided by the
     window size, so a window equals one step on its concatenated batches for mean losses.
     TensorBoard gets one point per optimizer step at ``epoch * steps_per_epoch + step``.
+    A resumed epoch passes the loader positioned at ``start_batch``.
+
+    A window with a non-finite loss makes no update; ``args.max_bad_steps`` such steps in a row
+    (counted in ``bad_steps`` across epochs) raise ``TooManyBadSteps``. A stop signal noted in
+    ``stop`` raises ``Interrupted`` after the optimizer step in progress.
     """
     model.train()
     criterion.train()
     scaler = scaler or build_grad_scaler(args, device)
-    num_batches = batch_limit(data_loader, args.limit_train_batches)
+    if bad_steps is None:
+        bad_steps = BadSteps(args.max_bad_steps)
+    skipped_before = bad_steps.total
+    num_batches = batch_limit(data_loader, args.limit_train_batches, start_batch)
     steps_per_epoch = math.ceil(num_batches / args.accum_steps)
     lr = optimizer.param_groups[0]["lr"]
     epoch_meter, window_meter = MetricTracker(), MetricTracker()
+    buffers, window_is_bad = None, False
     optimizer.zero_grad(set_to_none=True)
-    progress = tqdm(islice(data_loader, num_batches), total=num_batches, desc=f"epoch {epoch} train",
+    progress = tqdm(enumerate(islice(data_loader, max(num_batches - start_batch, 0)), start=start_batch),
+                    initial=start_batch, total=num_batches, desc=f"epoch {epoch} train",
                     disable=not is_main_process(), dynamic_ncols=True, leave=False)
-    for index, (samples, targets) in enumerate(progress):
+    for index, (samples, targets) in progress:
         samples, targets = to_device(samples, targets, device)
         window, steps_now = _accumulation_window(index, args.accum_steps, num_batches)
+        if buffers is None:  # buffers (batch-norm statistics) before the window, restored if it is skipped
+            buffers = [buffer.detach().clone() for buffer in model.buffers()]
         # Under DDP, gradients are all-reduced only on the batch that completes the window.
         skip_sync = isinstance(model, DistributedDataParallel) and not steps_now
         with model.no_sync() if skip_sync else nullcontext():
@@ -132,20 +172,39 @@ def train_one_epoch(
                 outputs = to_float32(model(samples))
             loss_dict = criterion(outputs, targets)
             losses = logged_losses(loss_dict, criterion.weight_dict)
-            _check_finite(losses, epoch, index, targets)
             scaler.scale(weighted_loss(loss_dict, criterion.weight_dict) / window).backward()
-        epoch_meter.update(losses)
-        window_meter.update(losses)
+        if math.isfinite(losses["loss"].item()):
+            epoch_meter.update(losses)
+            window_meter.update(losses)
+        else:
+            _warn_non_finite(losses, epoch, index, targets, logger)
+            window_is_bad = True
         step = epoch * steps_per_epoch + index // args.accum_steps
         if "ssl_outputs" in outputs and tb.active and args.vis_every and index % args.vis_every == 0:
             log_ssl_images(model, outputs["ssl_outputs"], tb, step)
         if steps_now:
-            _optimizer_step(model, optimizer, args.clip_max_norm, scaler)
-            schedule = {"lr": lr}
-            if "loss_ssl" in criterion.weight_dict:
-                schedule["ssl_lambda"] = criterion.weight_dict["loss_ssl"]
-            tb.scalars({**window_meter.summary(), **schedule}, step, "train")
-            window_meter = MetricTracker()
-        progress.set_postfix(loss=f"{epoch_meter.summary()['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if window_is_bad:
+                _skip_step(model, optimizer, buffers, bad_steps, epoch, index + 1, tb, step)
+            else:
+                _optimizer_step(model, optimizer, args.clip_max_norm, scaler)
+                bad_steps.in_a_row = 0
+                tb.scalars({**window_meter.summary(), **_schedule(lr, criterion)}, step, "train")
+            window_meter, buffers, window_is_bad = MetricTracker(), None, False
+            signum = stop.agreed(device) if stop is not None and index + 1 < num_batches else 0
+            if signum:
+                raise Interrupted(signum, epoch, index + 1)
+        progress.set_postfix(loss=f"{epoch_meter.summary().get('loss', math.nan):.4f}", lr=f"{lr:.2e}",
+                             refresh=False)
     logger.info("epoch %d train: %s", epoch, epoch_meter.format())
+    if bad_steps.total > skipped_before:
+        logger.warning("epoch %d: %d optimizer steps skipped for non-finite losses", epoch,
+                       bad_steps.total - skipped_before)
     return {**epoch_meter.summary(), "lr": lr}
+
+
+def _schedule(lr: float, criterion: nn.Module) -> dict[str, float]:
+    """The scheduled values logged with each step: learning rate and, with a pretext task, its lambda."""
+    schedule = {"lr": lr}
+    if "loss_ssl" in criterion.weight_dict:
+        schedule["ssl_lambda"] = criterion.weight_dict["loss_ssl"]
+    return schedule

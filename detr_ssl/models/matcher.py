@@ -9,6 +9,10 @@ from torchvision.ops import generalized_box_iou
 from ..utils.box_ops import cxcywh_to_xyxy
 from ..utils.misc import upcast_half
 
+# Stands in for non-finite costs (a diverged model, a corrupt image) so that matching still runs:
+# the loss of such outputs is non-finite too, and training skips that step instead of crashing here.
+NON_FINITE_COST = 1e6
+
 
 class HungarianMatcher(nn.Module):
     """One-to-one assignment minimising class + L1 + GIoU cost, image by image.
@@ -56,7 +60,8 @@ class HungarianMatcher(nn.Module):
             costs.append(cost)
         sizes = [c.shape[1] for c in costs]
         indices = []
-        for cost in torch.cat(costs, dim=1).cpu().split(sizes, dim=1):  # one device sync per batch
+        batch_cost = torch.cat(costs, dim=1).nan_to_num(NON_FINITE_COST, NON_FINITE_COST, -NON_FINITE_COST)
+        for cost in batch_cost.cpu().split(sizes, dim=1):  # one device sync per batch
             rows, cols = linear_sum_assignment(cost.numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices

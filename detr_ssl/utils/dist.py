@@ -80,6 +80,16 @@ def reduce_dict(values: dict[str, Tensor], average: bool = True) -> dict[str, Te
     return dict(zip(keys, stacked))
 
 
+@torch.no_grad()
+def max_over_processes(value: int, device: torch.device | str) -> int:
+    """The largest ``value`` of all processes; ``device`` must suit the backend (CUDA for NCCL)."""
+    if get_world_size() < 2:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """The picklable ``obj`` of every process, indexed by rank."""
     if get_world_size() < 2:
