@@ -21,12 +21,13 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from PIL import Image
 from tqdm import tqdm
+
+from detr_ssl.data.convert import Problem
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 HEADER_PREFIXES = ("imagesource:", "gsd:")
@@ -37,20 +38,6 @@ DOTA_V1_CLASSES = [
     "ground-track-field", "harbor", "bridge", "large-vehicle", "small-vehicle", "helicopter",
     "roundabout", "soccer-ball-field", "swimming-pool",
 ]
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding about the input; ``fatal`` ones stop the conversion."""
-
-    file: Path
-    line: int | None
-    message: str
-    fatal: bool
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line is not None else str(self.file)
-        return f"{'error' if self.fatal else 'warning'}: {where}: {self.message}"
 
 
 class DotaObject(NamedTuple):

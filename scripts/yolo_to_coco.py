@@ -15,11 +15,12 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from PIL import Image
+
+from detr_ssl.data.convert import Problem
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -43,20 +44,6 @@ COCO_CATEGORY_IDS: dict[str, int] = {
     "refrigerator": 82, "book": 84, "clock": 85, "vase": 86, "scissors": 87, "teddy bear": 88,
     "hair drier": 89, "toothbrush": 90,
 }
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding about the input; ``fatal`` ones stop the conversion."""
-
-    file: Path
-    line: int | None
-    message: str
-    fatal: bool
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line is not None else str(self.file)
-        return f"{'error' if self.fatal else 'warning'}: {where}: {self.message}"
 
 
 def load_names(spec: str) -> list[str]:
