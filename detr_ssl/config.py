@@ -8,6 +8,7 @@ YAML file or a flag always wins over the model default.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,43 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 MODELS = ("detr", "deformable_detr")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
-DATASETS = ("coco", "folder")
-SSL_TASKS = ("none", "reconstruction", "mim_continuous", "mim_discrete", "jigsaw_continuous", "jigsaw_discrete")
+DATASETS = ("coco", "isaid", "folder")
+SSL_TASKS = ("none", "reconstruction", "mim_continuous", "mim_discrete", "jigsaw_continuous", "jigsaw_discrete",
+             "updetr")
 SCHEDULES = ("constant", "linear", "cosine")
+COCO_EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")
+
+# COCOeval's own object-size ranges (areas in px^2; 'inf' stands for its 1e5 ** 2).
+COCO_AREA_RANGES = "small=0:1024,medium=1024:9216,large=9216:inf"
+AREA_UNBOUNDED = 1e5 ** 2
+
+
+def parse_area_ranges(text: str) -> list[tuple[str, float, float]]:
+    """``'small=0:1024,medium=1024:9216,large=9216:inf'`` -> ``[(label, min_area, max_area), ...]``.
+
+    Areas are box areas in square pixels; 'inf' becomes COCOeval's 1e10, so the default equals
+    COCOeval's own ranges. 'all' (every size) is always evaluated and cannot be redefined.
+    """
+    ranges: list[tuple[str, float, float]] = []
+    for item in filter(None, (part.strip() for part in str(text).split(","))):
+        label, sep, bounds = item.partition("=")
+        low, colon, high = bounds.partition(":")
+        label = label.strip()
+        if not sep or not colon or not label.isidentifier():
+            raise ValueError(f"expected LABEL=MIN:MAX (e.g. small=0:1024), got {item!r}")
+        try:
+            low_area, high_area = (AREA_UNBOUNDED if v.strip() == "inf" else float(v) for v in (low, high))
+        except ValueError:
+            raise ValueError(f"{item!r}: MIN and MAX must be numbers (areas in px^2) or 'inf'") from None
+        if not 0 <= low_area < high_area <= AREA_UNBOUNDED:
+            raise ValueError(f"{item!r}: need 0 <= MIN < MAX <= {AREA_UNBOUNDED:.0e} (or inf)")
+        if label == "all" or label in (r[0] for r in ranges):
+            raise ValueError(f"label {label!r} is {'reserved (every size)' if label == 'all' else 'given twice'}")
+        ranges.append((label, low_area, high_area))
+    if not ranges:
+        raise ValueError(f"no ranges in {text!r}; expected e.g. {COCO_AREA_RANGES}")
+    return ranges
+
 
 # Official per-model defaults (DETR main.py), applied where the user gave no value.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -109,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--aux_loss", action=bool_flag, default=True, help="losses on every decoder layer (--no-aux_loss: last only)")
     add("--no_aux_loss", dest="aux_loss", action="store_false", help="same as --no-aux_loss (official DETR spelling)")
     add("--num_classes", type=int, default=None,
-        help="classifier size = largest category id + 1; default: from the data (COCO: 91, as the official code)")
+        help="classifier size = largest category id + 1; default: from the data (COCO: 91, as the official code; "
+             "--dataset_file isaid: 16)")
 
     g = parser.add_argument_group("Deformable DETR")
     add = g.add_argument
@@ -140,9 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="Deformable DETR: every encoder level also predicts the pixels of its own patches (the paper used the finest only)")
     add("--tokenizer", type=str, default=None, help="visual-token file for mim_discrete (scripts/fit_tokenizer.py)")
     add("--pretrain", type=str, default="", metavar="CKPT",
-        help="start detection from a pre-training checkpoint: backbone, input projection and encoder load; the rest is new")
+        help="start detection from a pre-training checkpoint: backbone, input projection and encoder load (from a "
+             "--query_patches or official UP-DETR checkpoint also decoder, queries and box head); the rest is new")
     add("--vis_every", type=int, default=200, metavar="N",
-        help="TensorBoard image grid (input, corrupted, prediction, target) every N steps (0: never)")
+        help="TensorBoard image grid (input, corrupted, prediction, target; query-patch crops and boxes) every N steps (0: never)")
+
+    g = parser.add_argument_group("UP-DETR random query patches (decoder pre-training)")
+    add = g.add_argument
+    add("--query_patches", action="store_true",
+        help="random crops of each image, pooled by the backbone, join the object queries, and the decoder learns to "
+             "find them (UP-DETR); with --ssl_mode pretrain alone or next to an --ssl_task, with multitask next to "
+             "detection. '--ssl_task updetr' means --query_patches without an encoder task")
+    add("--num_patches", type=int, default=10, help="query patches (crops) per image; --num_queries must be a multiple")
+    add("--query_patch_loss_coef", type=float, default=1.0,
+        help="weight of the query-patch losses (each also carries its detection weight); follows --ssl_loss_schedule")
+    add("--feature_recon", action="store_true",
+        help="matched queries also reconstruct their crop's L2-normalised backbone feature (MSE, weight 1)")
+    add("--query_shuffle", action="store_true", help="draw which object query serves each patch slot, every step")
+    add("--fre_cnn", action="store_true",
+        help="freeze the whole backbone (sets --lr_backbone 0), as UP-DETR pre-training; without it, query-patch "
+             "pre-training trains the backbone at --lr unless --lr_backbone is given (official UP-DETR)")
 
     g = parser.add_argument_group("matcher and loss")
     add = g.add_argument
@@ -174,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = g.add_argument
     add("--dataset_file", type=str, default="coco", choices=DATASETS,
         help="coco: COCO-json detection data (official COCO 2017 layout, or ROOT/{train,val}/ + ROOT/annotations/instances_{train,val}.json); "
+             "isaid: the second layout with iSAID's 15 categories, as scripts/prepare_isaid.py writes it (other categories are refused); "
              "folder: any tree of unlabelled images (pre-training)")
     add("--data_path", type=str, default=None, help="dataset root (see README: data layout)")
     add("--coco_path", type=str, default=None, help="alias of --data_path (official DETR flag name)")
@@ -185,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--augment", action=bool_flag, default=True, help="official DETR training augmentation (flip, multi-scale resize, random crop)")
     add("--filter_empty", action="store_true", help="drop training images without annotations (kept by default: they teach 'no object')")
     add("--max_dets", type=int, default=100, help="detections kept per image and COCOeval's largest maxDets")
+    add("--area_ranges", type=str, default=COCO_AREA_RANGES, metavar="LABEL=MIN:MAX,...",
+        help="object-size ranges of the AP/AR rows, as box areas in square pixels ('inf' allowed); labels small, "
+             "medium, large give APs/APm/APl, any other LABEL gives AP_LABEL/AR_LABEL. Aerial objects are mostly "
+             "small: e.g. tiny=0:256,small=256:1024,medium=1024:9216,large=9216:inf")
+    add("--coco_eval_backend", type=str, default="pycocotools", choices=COCO_EVAL_BACKENDS,
+        help="library computing the COCO box metrics: pycocotools (official) or faster_coco_eval (same numbers, "
+             "C++ matching; many times faster on dense scenes; pip install -e '.[fast-eval]')")
+    add("--skip_bad_samples", action="store_true",
+        help="skip bad input instead of stopping: records with an unknown category, a box outside the image or not "
+             "finite, images with a missing, truncated or wrongly sized file; each is logged by file and record")
     return parser
 
 
@@ -264,8 +328,16 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error(f"--lr_linear_proj_mult must be >= 0, got {args.lr_linear_proj_mult}")
     elif args.with_box_refine or args.two_stage:
         parser.error("--with_box_refine and --two_stage are Deformable DETR options (--model deformable_detr)")
-    if args.ssl_task == "none" and args.ssl_mode == "pretrain":
-        parser.error("--ssl_mode pretrain needs a pretext task: set --ssl_task")
+    if args.ssl_task == "none" and not args.query_patches and args.ssl_mode == "pretrain":
+        parser.error("--ssl_mode pretrain needs a pretext task: set --ssl_task and/or --query_patches")
+    if args.query_patches:
+        if args.num_patches < 1 or args.num_queries % args.num_patches:
+            parser.error(f"--num_queries ({args.num_queries}) must be a positive multiple of --num_patches "
+                         f"({args.num_patches}): each query patch gets an equal group of queries")
+        if args.query_patch_loss_coef < 0:
+            parser.error(f"--query_patch_loss_coef must be >= 0, got {args.query_patch_loss_coef}")
+    elif args.feature_recon or args.query_shuffle:
+        parser.error("--feature_recon and --query_shuffle are options of the query patches: add --query_patches")
     if args.ssl_task == "mim_discrete" and not args.tokenizer:
         parser.error("--ssl_task mim_discrete needs --tokenizer FILE (fit one with scripts/fit_tokenizer.py)")
     if args.ssl_levels and (args.ssl_task == "none" or args.model != "deformable_detr" or args.num_feature_levels < 2):
@@ -278,8 +350,16 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error(f"--ssl_ratio must be in [0, 1], got {args.ssl_ratio}")
     if args.ssl_loss_coef < 0 or args.vis_every < 0:
         parser.error("--ssl_loss_coef and --vis_every must be >= 0")
+    try:
+        parse_area_ranges(args.area_ranges)
+    except ValueError as err:
+        parser.error(f"--area_ranges: {err}")
+    if args.coco_eval_backend == "faster_coco_eval" and importlib.util.find_spec("faster_coco_eval") is None:
+        parser.error("--coco_eval_backend faster_coco_eval: the faster-coco-eval package is not installed "
+                     "(pip install -e '.[fast-eval]', or pip install faster-coco-eval)")
     if args.dataset_file == "folder" and args.ssl_mode != "pretrain":
-        parser.error("--dataset_file folder holds unlabelled images: use it with --ssl_mode pretrain and an --ssl_task")
+        parser.error("--dataset_file folder holds unlabelled images: use it with --ssl_mode pretrain and an "
+                     "--ssl_task and/or --query_patches")
     if args.dec_layers < 1:
         parser.error(f"--dec_layers must be >= 1, got {args.dec_layers}")
     for name in ("limit_train_batches", "limit_val_batches", "num_classes"):
@@ -314,9 +394,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if pre.config:
         parser.set_defaults(**load_yaml_config(parser, pre.config))
     args = parser.parse_args(argv)
+    if args.ssl_task == "updetr":  # a shorthand: query patches, no encoder task
+        args.ssl_task, args.query_patches = "none", True
+    if args.fre_cnn:
+        if args.lr_backbone not in (None, 0):
+            parser.error(f"--fre_cnn freezes the backbone: it contradicts --lr_backbone {args.lr_backbone}")
+        args.lr_backbone = 0.0
+    backbone_lr_given = args.lr_backbone is not None
     for key, value in MODEL_DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.query_patches and args.ssl_mode == "pretrain" and not backbone_lr_given:
+        args.lr_backbone = args.lr  # official UP-DETR pre-training: the backbone learns at --lr
     args.data_path = args.data_path or args.coco_path
     args.coco_path = args.data_path
     _validate(parser, args)

@@ -1,17 +1,19 @@
-"""Cut iSAID images into overlapping patches with COCO annotations, for ``--dataset_file coco``.
+"""Cut iSAID images into overlapping patches with COCO annotations, for ``--dataset_file isaid``.
 
     python scripts/prepare_isaid.py --src /data/iSAID --out /data/isaid_patches
 
 Input is the official iSAID layout: ``SRC/SPLIT/images/<file_name>`` and
 ``SRC/SPLIT/instancesonly_filtered_SPLIT.json`` (COCO instances with bbox and polygon
 segmentation). A split with only ``SRC/SPLIT/image_info_SPLIT.json`` (the test split) gives
-patches without annotations. Output is the generic layout that ``--dataset_file coco
+patches without annotations. Output is the generic layout that ``--dataset_file isaid
 --data_path OUT`` reads: ``OUT/SPLIT/<image stem>_<x0>_<y0>.png`` and
 ``OUT/annotations/instances_SPLIT.json``.
 
 Patches are PATCH x PATCH windows with a stride of PATCH - OVERLAP along each axis. The last row
 and column are shifted inwards so that they end at the image border (images are never padded),
-and an image shorter than PATCH along an axis gives one window of its own length there.
+and an image shorter than PATCH along an axis gives one window of its own length there. The
+grid is ``detr_ssl.data.tiling.sliding_windows``, which ``scripts/predict.py`` cuts full images
+with too.
 
 Truncated instances are kept when at least MIN_AREA_FRAC of their area lies in the patch, else
 they are dropped. The area is measured on the instance's polygons when it has any (its RLE mask
@@ -45,19 +47,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from detr_ssl.data.tiling import Window, sliding_windows
+
 # Source boxes may overhang the image by float noise; anything further is a wrong image/json pair.
 BOUNDS_TOLERANCE = 1.0
 
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
-
-
-class Window(NamedTuple):
-    """A patch: its pixels are x0 <= x < x1, y0 <= y < y1 of the source image."""
-
-    x0: int
-    y0: int
-    x1: int
-    y1: int
 
 
 class Cut(NamedTuple):
@@ -70,27 +65,6 @@ class Cut(NamedTuple):
 
 class DataError(Exception):
     """Input that cannot be prepared; the message names the file and record."""
-
-
-# --- patch grid ---------------------------------------------------------------------------------
-
-def patch_origins(length: int, patch: int, overlap: int) -> list[int]:
-    """Start offsets of the windows along one axis: stride ``patch - overlap``, the last window
-    shifted inwards to end at ``length``; one window at 0 when ``length <= patch``."""
-    if patch <= 0 or not 0 <= overlap < patch:
-        raise ValueError(f"need patch > 0 and 0 <= overlap < patch, got patch={patch}, overlap={overlap}")
-    if length <= patch:
-        return [0]
-    return [*range(0, length - patch, patch - overlap), length - patch]
-
-
-def patch_windows(width: int, height: int, patch: int, overlap: int) -> list[Window]:
-    """All windows of an image, row by row."""
-    return [
-        Window(x0, y0, x0 + min(patch, width), y0 + min(patch, height))
-        for y0 in patch_origins(height, patch, overlap)
-        for x0 in patch_origins(width, patch, overlap)
-    ]
 
 
 # --- geometry -----------------------------------------------------------------------------------
@@ -315,7 +289,7 @@ def prepare_split(src: Path, out: Path, split: str, patch: int, overlap: int,
             if image.size != (source["width"], source["height"]):
                 raise DataError(f"{image_path}: size {image.size[0]}x{image.size[1]} differs from the json's "
                                 f"{source['width']}x{source['height']}")
-            for window in patch_windows(source["width"], source["height"], patch, overlap):
+            for window in sliding_windows(source["width"], source["height"], patch, overlap):
                 name = f"{Path(source['file_name']).stem}_{window.x0}_{window.y0}.png"
                 counts["patches_written"] += write_patch(image, window, out / split / name)
                 image_id = len(images) + 1

@@ -1,8 +1,12 @@
 """Shared fixtures: the shipped sample data and the raw view of a sample dataset."""
 from __future__ import annotations
 
+import importlib.util
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -17,6 +21,14 @@ from detr_ssl.utils.misc import NestedTensor
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_ROOT = REPO_ROOT / "data" / "sample"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``scripts/NAME.py`` (scripts are not a package) as module ``NAME``."""
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
@@ -61,3 +73,14 @@ def coco_batch() -> tuple[NestedTensor, list[dict]]:
     dataset = CocoDetection(SAMPLE_ROOT / "train", SAMPLE_ROOT / "annotations" / "instances_train.json",
                             transforms=build_transforms("val", min_size=160, max_size=224))
     return collate_fn([dataset[0], dataset[1]])
+
+
+@pytest.fixture(scope="session")
+def isaid_patches(tmp_path_factory) -> Path:
+    """tests/fixtures/isaid_sample (P0005, 884x977, 131 objects) cut by scripts/prepare_isaid.py into
+    six 512 px patches (overlap 128): the --dataset_file isaid layout, train split only."""
+    out = tmp_path_factory.mktemp("isaid_patches")
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "prepare_isaid.py"), "--src", str(FIXTURES / "isaid_sample"),
+               "--out", str(out), "--patch", "512", "--overlap", "128", "--splits", "train"]
+    subprocess.run(command, check=True, capture_output=True, cwd=REPO_ROOT)
+    return out

@@ -1,20 +1,34 @@
-"""scripts/prepare_isaid.py and scripts/dota_to_coco.py: patch grid, clipping rule, real iSAID
-sample, DOTA parsing and checks."""
+"""Aerial data: scripts/prepare_isaid.py and scripts/dota_to_coco.py (patch grid, clipping rule,
+real iSAID sample, DOTA parsing and checks), --dataset_file isaid, dense and small-object
+evaluation (--max_dets, --area_ranges), and bad input with and without --skip_bad_samples."""
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import io
 import json
+import logging
+import re
 import shutil
-import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from torchvision.ops import box_convert
 
+from conftest import load_script
+from detr_ssl.__main__ import main as train_main
+from detr_ssl.config import COCO_AREA_RANGES, parse_area_ranges, parse_args
+from detr_ssl.data import build_dataset, num_classes_of
+from detr_ssl.data.bad_samples import BadSampleError, skipped_in
 from detr_ssl.data.coco import CocoDetection
+from detr_ssl.data.isaid import ISAID_CATEGORIES, ISAID_NUM_CLASSES, IsaidDetection
+from detr_ssl.data.tiling import Window, sliding_windows, window_origins
+from detr_ssl.engine.evaluate import coco_bbox_stats, stat_names, tensorboard_metrics, to_coco_results
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ISAID_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "isaid_sample"  # P0005 (train) of the shared sample
@@ -23,19 +37,13 @@ ISAID_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "isaid_sample"  #
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 prepare_isaid = load_script("prepare_isaid")
 dota_to_coco = load_script("dota_to_coco")
-Window = prepare_isaid.Window
 
 
-# --- patch grid ---------------------------------------------------------------------------------
+# --- patch grid (detr_ssl.data.tiling, shared with scripts/predict.py) ------------------------------
 
 @pytest.mark.parametrize(("length", "patch", "overlap", "origins"), [
     (1600, 800, 200, [0, 600, 800]),      # last window shifted inwards from 1200 to 800
@@ -48,13 +56,13 @@ Window = prepare_isaid.Window
     (801, 800, 0, [0, 1]),
 ])
 def test_patch_origins(length, patch, overlap, origins):
-    assert prepare_isaid.patch_origins(length, patch, overlap) == origins
+    assert window_origins(length, patch, overlap) == origins
 
 
 @pytest.mark.parametrize(("patch", "overlap"), [(800, 200), (512, 128), (100, 0), (64, 63)])
 def test_patch_grid_covers_every_pixel_without_padding(patch, overlap):
     for length in [*range(1, 400, 7), 799, 800, 801, 1400, 1401, 2999]:
-        origins = prepare_isaid.patch_origins(length, patch, overlap)
+        origins = window_origins(length, patch, overlap)
         size = min(patch, length)
         covered = np.zeros(length, dtype=bool)
         for start in origins:
@@ -66,11 +74,11 @@ def test_patch_grid_covers_every_pixel_without_padding(patch, overlap):
 
 
 def test_patch_windows_and_bad_arguments():
-    windows = prepare_isaid.patch_windows(1000, 300, 800, 200)
+    windows = sliding_windows(1000, 300, 800, 200)
     assert windows == [Window(0, 0, 800, 300), Window(200, 0, 1000, 300)]
     for patch, overlap in [(0, 0), (800, 800), (800, -1)]:
-        with pytest.raises(ValueError, match="overlap < patch"):
-            prepare_isaid.patch_origins(1000, patch, overlap)
+        with pytest.raises(ValueError, match="overlap < size"):
+            window_origins(1000, patch, overlap)
 
 
 # --- clipping one instance ----------------------------------------------------------------------
@@ -345,3 +353,285 @@ def test_dota_round_trip_on_the_isaid_sample(tmp_path, capsys):
     assert [c["id"] for c in converted["categories"]] == [c["id"] for c in source["categories"]]
     assert [(a["category_id"], a["bbox"]) for a in converted["annotations"]] == \
         [(a["category_id"], a["bbox"]) for a in source["annotations"]]
+
+
+# --- --dataset_file isaid -----------------------------------------------------------------------
+
+def isaid_args(root: Path, *flags: str):
+    return parse_args(["--dataset_file", "isaid", "--data_path", str(root), "--min_size", "128", "--max_size", "128",
+                       "--no-augment", *flags])
+
+
+def copy_patches(isaid_patches: Path, tmp_path: Path, edit=None) -> Path:
+    root = tmp_path / "patches"
+    shutil.copytree(isaid_patches, root)
+    if edit is not None:
+        ann_file = root / "annotations" / "instances_train.json"
+        coco = json.loads(ann_file.read_text())
+        edit(coco)
+        ann_file.write_text(json.dumps(coco))
+    return root
+
+
+def test_isaid_dataset_file_reads_the_prepared_sample(isaid_patches):
+    dataset = build_dataset("train", isaid_args(isaid_patches))
+    assert isinstance(dataset, IsaidDetection) and len(dataset) == 6
+    assert num_classes_of(dataset) == ISAID_NUM_CLASSES == 16
+    assert {c["id"]: c["name"] for c in dataset.coco.dataset["categories"]} == ISAID_CATEGORIES
+    image, target = dataset[0]
+    assert image.shape == (3, 128, 128) and set(target["labels"].tolist()) <= {8, 9}  # vehicles
+    assert sum(len(dataset[i][1]["labels"]) for i in range(len(dataset))) == len(dataset.coco.anns)
+
+
+def test_isaid_subset_of_categories_is_fine_and_still_has_16_classes(isaid_patches, tmp_path):
+    root = copy_patches(isaid_patches, tmp_path,
+                        lambda coco: coco.update(categories=[c for c in coco["categories"] if c["id"] in (8, 9)]))
+    assert num_classes_of(build_dataset("train", isaid_args(root))) == 16
+
+
+@pytest.mark.parametrize("edit, found", [
+    (lambda coco: coco["categories"][7].update(name="large-vehicle"), "id 8 'large-vehicle'"),  # DOTA spelling
+    (lambda coco: coco["categories"].append({"id": 16, "name": "container_crane"}), "id 16 'container_crane'"),
+    (lambda coco: coco.update(categories=[]), "no categories listed"),
+])
+def test_isaid_refuses_other_categories(isaid_patches, tmp_path, edit, found):
+    root = copy_patches(isaid_patches, tmp_path, edit)
+    with pytest.raises(ValueError) as error:
+        build_dataset("train", isaid_args(root))
+    message = str(error.value)
+    assert "instances_train.json: --dataset_file isaid expects the official iSAID categories" in message
+    assert "1 ship, 2 storage_tank" in message and found in message and "scripts/prepare_isaid.py" in message
+
+
+def test_coco_json_of_other_data_is_refused_as_isaid(sample_root):
+    with pytest.raises(ValueError, match=r"instances_val\.json: --dataset_file isaid expects .*id 1 'person'"):
+        build_dataset("val", isaid_args(sample_root))
+
+
+# --- dense scenes and size ranges in COCOeval ---------------------------------------------------
+
+LOGGER = logging.getLogger("test_aerial_data")
+
+
+def p0005_ground_truth() -> tuple[COCO, list[dict]]:
+    """The 131 objects of P0005 as COCO ground truth, and as perfect detections (scores falling)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(ISAID_FIXTURE / "train" / "instancesonly_filtered_train.json"))
+    detections = [{"image_id": 1, "category_id": ann["category_id"], "bbox": ann["bbox"], "score": 1 - i / 1000}
+                  for i, ann in enumerate(coco.dataset["annotations"])]
+    return coco, detections
+
+
+def test_more_than_100_objects_per_image_count_only_with_max_dets_above_them():
+    coco, detections = p0005_ground_truth()
+    assert len(detections) == 131
+    detection = {"boxes": box_convert(torch.tensor([d["bbox"] for d in detections]), "xywh", "xyxy"),
+                 "scores": torch.tensor([d["score"] for d in detections]),
+                 "labels": torch.tensor([d["category_id"] for d in detections])}
+    # The evaluation keeps the --max_dets best boxes of each image...
+    kept = to_coco_results(1, detection, 100)
+    assert len(kept) == 100 and len(to_coco_results(1, detection, 1000)) == 131
+    stats, _ = coco_bbox_stats(coco, {1: kept}, 100, LOGGER)
+    capped = dict(zip(stat_names(100), stats))
+    found = Counter(d["category_id"] for d in detections[:100])
+    total = Counter(ann["category_id"] for ann in coco.dataset["annotations"])
+    assert capped["AR100"] == pytest.approx(np.mean([found[c] / total[c] for c in total]), abs=1e-3)
+    stats, _ = coco_bbox_stats(coco, {1: to_coco_results(1, detection, 300)}, 300, LOGGER)
+    dense = dict(zip(stat_names(300), stats))
+    assert dense["AR300"] == pytest.approx(1.0) and dense["AP"] == pytest.approx(1.0)
+
+    # ...and COCOeval's maxDets caps the boxes of each image and category: 131 cars of one class.
+    for record in (*coco.dataset["annotations"], *detections):
+        record["category_id"] = 9
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    stats, _ = coco_bbox_stats(coco, {1: detections}, 100, LOGGER)
+    assert dict(zip(stat_names(100), stats))["AR100"] == pytest.approx(100 / 131, abs=1e-3)
+    stats, _ = coco_bbox_stats(coco, {1: detections}, 1000, LOGGER)
+    assert dict(zip(stat_names(1000), stats))["AR1000"] == pytest.approx(1.0)
+
+
+def test_area_ranges_set_the_size_rows_and_their_names(caplog):
+    coco, detections = p0005_ground_truth()
+    found = [d for d, ann in zip(detections, coco.dataset["annotations"]) if ann["area"] >= 1024]  # 82 of 131
+    default, _ = coco_bbox_stats(coco, {1: found}, 100, LOGGER)
+    default = dict(zip(stat_names(100), default))
+    assert (default["APs"], default["APm"], default["APl"]) == (0.0, pytest.approx(1.0), -1.0)
+
+    text = "vehicles=0:1500,big=1500:inf"
+    ranges = parse_area_ranges(text)
+    with caplog.at_level(logging.INFO, logger=LOGGER.name):
+        custom, _ = coco_bbox_stats(coco, {1: found}, 100, LOGGER, ranges)
+    names = stat_names(100, ranges)
+    assert names == ["AP", "AP50", "AP75", "AP_vehicles", "AP_big", "AR1", "AR10", "AR100", "AR_vehicles", "AR_big"]
+    custom = dict(zip(names, custom))
+    in_range = [(ann["category_id"], ann["area"]) for ann in coco.dataset["annotations"] if ann["area"] < 1500]
+    recall = np.mean([np.mean([area >= 1024 for c, area in in_range if c == category]) for category in (8, 9)])
+    assert custom["AR_vehicles"] == pytest.approx(recall) and custom["AP_vehicles"] == pytest.approx(recall, abs=0.02)
+    assert custom["AP_big"] == pytest.approx(1.0) and custom["AP"] == default["AP"]  # 'all' is unchanged
+    assert "area=vehicles | maxDets=100 ]" in caplog.text
+    assert tensorboard_metrics(ranges) == ["AP", "AP50", "AP75", "AP_vehicles", "AP_big"]
+    assert parse_args(["--area_ranges", text]).area_ranges == text
+    assert parse_area_ranges(COCO_AREA_RANGES) == [("small", 0, 32 ** 2), ("medium", 32 ** 2, 96 ** 2),
+                                                   ("large", 96 ** 2, 1e10)]  # COCOeval's own
+
+
+@pytest.mark.parametrize("value, message", [
+    ("small=0-1024", "expected LABEL=MIN:MAX"),
+    ("small=0:big", "MIN and MAX must be numbers"),
+    ("small=100:10", "need 0 <= MIN < MAX"),
+    ("all=0:10", "label 'all' is reserved"),
+    ("a=0:1,a=1:2", "label 'a' is given twice"),
+    ("", "no ranges"),
+])
+def test_bad_area_ranges_are_refused_naming_the_flag(capsys, value, message):
+    with pytest.raises(SystemExit):
+        parse_args(["--area_ranges", value])
+    err = capsys.readouterr().err
+    assert "--area_ranges: " in err and message in err
+
+
+# --- bad input, with and without --skip_bad_samples -------------------------------------------------
+
+def sample_copy(tmp_path: Path, sample_root: Path, edit=None) -> Path:
+    """data/sample's val split (4 real photos, 17 boxes) under a new root, its json edited."""
+    root = tmp_path / "data"
+    shutil.copytree(sample_root / "val", root / "val")
+    coco = json.loads((sample_root / "annotations" / "instances_val.json").read_text())
+    if edit is not None:
+        edit(coco)
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_val.json").write_text(json.dumps(coco))
+    return root
+
+
+def sample_dataset(root: Path, *flags: str):
+    return build_dataset("val", parse_args(["--data_path", str(root), "--min_size", "128", "--max_size", "192",
+                                            *flags]))
+
+
+def unknown_category(coco):
+    coco["annotations"][2]["category_id"] = 999
+
+
+def box_outside(coco):
+    coco["annotations"][4]["bbox"] = [-60.0, 10.0, 50.0, 20.0]  # negative x, ends left of the image
+
+
+def box_not_finite(coco):
+    coco["annotations"][6]["bbox"] = [10.0, float("inf"), 5.0, 5.0]
+
+
+@pytest.mark.parametrize("edit, ann_id, error", [
+    (unknown_category, 3, r"annotation\(s\) with a category_id not in 'categories'.*annotation 3 \(image 2, "
+                          r"category_id 999\)"),
+    (box_outside, 5, r"annotation\(s\) whose bbox lies entirely outside its image: annotation 5 "),
+    (box_not_finite, 7, r"annotation\(s\) whose bbox is not 4 finite numbers: annotation 7 "),
+])
+def test_bad_records_stop_the_run_or_are_skipped_and_logged(tmp_path, sample_root, caplog, edit, ann_id, error):
+    root = sample_copy(tmp_path, sample_root, edit)
+    with pytest.raises(ValueError, match=error) as refused:
+        sample_dataset(root)
+    assert "--skip_bad_samples" in str(refused.value)
+    with caplog.at_level(logging.WARNING, logger="detr_ssl"):
+        dataset = sample_dataset(root, "--skip_bad_samples")
+    assert len(dataset) == 4 and ann_id not in dataset.coco.anns and len(dataset.coco.anns) == 16
+    assert sum(len(target["labels"]) for _, target in dataset) == 16
+    assert len(dataset.skipped) == 1 and dataset.skipped[0].startswith(f"annotation {ann_id} (image ")
+    assert "instances_val.json: --skip_bad_samples skipped 0 image(s) (with their annotations) and 1 annotation(s)" \
+        in caplog.text
+    assert f"annotation {ann_id} (image" in caplog.text and "000000000" in caplog.text  # record and image file
+
+
+def test_a_missing_image_fails_when_loaded_or_is_skipped_when_scanned(tmp_path, sample_root, caplog):
+    root = sample_copy(tmp_path, sample_root)
+    (root / "val" / "000000000042.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=f"image 2: file not found: {root / 'val' / '000000000042.jpg'}"):
+        sample_dataset(root)[1]
+    with caplog.at_level(logging.WARNING, logger="detr_ssl"):
+        dataset = sample_dataset(root, "--skip_bad_samples")
+    assert dataset.ids == [1, 3, 4] and 2 not in dataset.coco.imgs and not dataset.coco.getAnnIds(imgIds=[2])
+    assert "skipped 1 image(s) (with their annotations) and 0 annotation(s)" in caplog.text
+    assert f"image 2: file not found: {root / 'val' / '000000000042.jpg'}" in caplog.text
+    assert [int(target["image_id"]) for _, target in dataset] == [1, 3, 4]
+
+
+@pytest.mark.parametrize("damage, error", [
+    ("truncate", r"cannot read image .*000000000042\.jpg \(image id 2\)"),
+    ("garbage", r"cannot read image .*000000000042\.jpg \(image id 2\)"),
+    ("resize", r"000000000042\.jpg \(image id 2\) is 320x213 px but .* says 640x478"),
+])
+def test_an_unreadable_image_stops_the_run_or_is_replaced_by_the_next(tmp_path, sample_root, damage, error):
+    root = sample_copy(tmp_path, sample_root)
+    path = root / "val" / "000000000042.jpg"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:5000])
+    elif damage == "garbage":
+        path.write_bytes(b"not a JPEG at all" * 100)
+    else:
+        with Image.open(path) as photo:
+            photo.resize((320, 213)).save(path)
+    with pytest.raises((OSError, ValueError), match=error):
+        sample_dataset(root)[1]
+    dataset = sample_dataset(root, "--skip_bad_samples")
+    image, target = dataset[1]
+    assert int(target["image_id"]) == 3  # the next image stands in
+    assert len(target["skipped"]) == 1 and re.search(error, target["skipped"][0])
+    assert "skipped" not in dataset[2][1] and skipped_in([dataset[0][1], target]) == target["skipped"]
+
+
+def test_an_empty_annotation_file_is_an_error_with_or_without_the_flag(tmp_path, sample_root):
+    root = sample_copy(tmp_path, sample_root)
+    (root / "annotations" / "instances_val.json").write_text("")
+    for flags in ([], ["--skip_bad_samples"]):
+        with pytest.raises(ValueError, match=r"instances_val\.json: empty file \(0 bytes\).*not a whole file"):
+            sample_dataset(root, *flags)
+    (root / "annotations" / "instances_val.json").write_text(json.dumps({"images": [], "annotations": [],
+                                                                         "categories": []}))
+    for flags in ([], ["--skip_bad_samples"]):
+        with pytest.raises(ValueError, match=r"instances_val\.json: no images listed"):
+            sample_dataset(root, *flags)
+
+
+def test_nothing_left_after_skipping_is_an_error(tmp_path, sample_root):
+    root = sample_copy(tmp_path, sample_root)
+    for path in (root / "val").glob("*.jpg"):
+        path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(BadSampleError, match="all 4 images are bad"):
+        sample_dataset(root, "--skip_bad_samples")[0]
+    for path in (root / "val").glob("*.jpg"):
+        path.unlink()
+    with pytest.raises(ValueError, match="every image was skipped as bad"):
+        sample_dataset(root, "--skip_bad_samples")
+
+
+def test_skip_bad_samples_in_an_unlabelled_folder(tmp_path, sample_root):
+    folder = tmp_path / "unlabelled"
+    shutil.copytree(sample_root / "unlabelled", folder)
+    victim = sorted(folder.iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:1000])
+    flags = ["--dataset_file", "folder", "--ssl_task", "mim_continuous", "--ssl_mode", "pretrain"]
+    with pytest.raises(OSError, match=f"cannot read image {victim}"):
+        build_dataset("train", parse_args(["--data_path", str(folder), *flags]))[0]
+    dataset = build_dataset("train", parse_args(["--data_path", str(folder), *flags, "--skip_bad_samples"]))
+    _, target = dataset[0]
+    assert int(target["image_id"]) == 1 and str(victim) in target["skipped"][0]
+
+
+def test_a_training_run_logs_the_images_it_skipped_at_the_end_of_the_epoch(tmp_path, sample_root):
+    root = tmp_path / "data"
+    shutil.copytree(sample_root, root)
+    victim = root / "train" / "000000000025.jpg"
+    victim.write_bytes(victim.read_bytes()[:2000])
+    flags = ["--data_path", str(root), "--val_split", "train", "--device", "cpu", "--num_workers", "0", "--backbone",
+             "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--nheads", "2", "--enc_layers", "1",
+             "--dec_layers", "1", "--dim_feedforward", "64", "--num_queries", "5", "--min_size", "96", "--max_size",
+             "128", "--batch_size", "2", "--epochs", "1", "--no-tensorboard", "--no-augment",
+             "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(OSError, match="000000000025.jpg"):
+        train_main(flags)
+    train_main([*flags, "--skip_bad_samples"])
+    log = (tmp_path / "run" / "log.txt").read_text()
+    for stage in ("train", "val"):
+        assert f"epoch 0 {stage}: --skip_bad_samples skipped 1 bad image(s)" in log
+    assert f"cannot read image {victim} (image id 2)" in log

@@ -1,7 +1,6 @@
 """scripts/yolo_to_coco.py: YOLO boxes come back exactly, class indices map to the right ids."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -11,12 +10,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import load_script
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "yolo_to_coco.py"
 
-spec = importlib.util.spec_from_file_location("yolo_to_coco", SCRIPT)
-yolo_to_coco = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(yolo_to_coco)
+yolo_to_coco = load_script("yolo_to_coco")
 
 
 def read_labels(path: Path) -> list[list[float]]:

@@ -10,10 +10,15 @@ from torch.utils.data import Dataset, Subset
 
 from detr_ssl.data.coco import CocoDetection, split_paths
 from detr_ssl.data.folder import ImageFolder
+from detr_ssl.data.isaid import IsaidDetection
 from detr_ssl.data.transforms import build_transforms
 from detr_ssl.utils.misc import NestedTensor, nested_tensor_from_tensor_list
 
-__all__ = ["build_dataset", "collate_fn", "num_classes_of", "get_coco_api", "build_transforms", "CocoDetection", "ImageFolder"]
+__all__ = ["build_dataset", "collate_fn", "num_classes_of", "get_coco_api", "build_transforms", "CocoDetection",
+           "IsaidDetection", "ImageFolder", "DETECTION_DATASETS"]
+
+# --dataset_file -> the class reading a COCO-json split (layout: see split_paths); 'folder' is unlabelled.
+DETECTION_DATASETS: dict[str, type[CocoDetection]] = {"coco": CocoDetection, "isaid": IsaidDetection}
 
 
 def build_dataset(image_set: str, args: argparse.Namespace) -> Dataset:
@@ -22,14 +27,17 @@ def build_dataset(image_set: str, args: argparse.Namespace) -> Dataset:
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
     if args.data_path is None:
         raise ValueError("no dataset given: pass --data_path ROOT (see data/README.md, section 'Data layouts')")
+    transforms = build_transforms(image_set, args.min_size, args.max_size, args.augment)
     if args.dataset_file == "folder":
-        return ImageFolder(args.data_path, build_transforms(image_set, args.min_size, args.max_size, args.augment))
-    if args.dataset_file != "coco":
-        raise ValueError(f"unknown --dataset_file {args.dataset_file!r}; known: coco, folder")
+        return ImageFolder(args.data_path, transforms, skip_bad=args.skip_bad_samples)
+    if args.dataset_file not in DETECTION_DATASETS:
+        known = ", ".join([*DETECTION_DATASETS, "folder"])
+        raise ValueError(f"unknown --dataset_file {args.dataset_file!r}; known: {known}")
     split = args.train_split if image_set == "train" else args.val_split
     img_folder, ann_file = split_paths(args.data_path, split)
-    transforms = build_transforms(image_set, args.min_size, args.max_size, args.augment)
-    return CocoDetection(img_folder, ann_file, transforms, filter_empty=args.filter_empty and image_set == "train")
+    return DETECTION_DATASETS[args.dataset_file](img_folder, ann_file, transforms,
+                                                 filter_empty=args.filter_empty and image_set == "train",
+                                                 skip_bad=args.skip_bad_samples)
 
 
 def collate_fn(batch: list[tuple[Tensor, dict[str, Any]]]) -> tuple[NestedTensor, list[dict[str, Any]]]:
@@ -53,8 +61,7 @@ def get_coco_api(dataset: Dataset) -> COCO:
 
 
 def num_classes_of(dataset: Dataset) -> int:
-    """Classifier size: largest category id + 1, as the official DETR code (COCO: 91)."""
-    coco = get_coco_api(dataset)
-    if not coco.cats:
-        raise ValueError(f"{_unwrap(dataset).ann_file}: no categories listed")
-    return max(coco.cats) + 1
+    """Classifier size the data asks for: largest category id + 1, as the official DETR code
+    (COCO: 91); fixed by the dataset kind where it has a fixed class list (iSAID: 16)."""
+    get_coco_api(dataset)  # refuses datasets without annotations
+    return _unwrap(dataset).num_classes

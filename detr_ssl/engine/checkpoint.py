@@ -281,20 +281,35 @@ def resume_training(
 
 
 PRETRAINED_PREFIXES = ("backbone.", "input_proj.", "transformer.encoder.", "transformer.level_embed")
+# What a query-patch (UP-DETR) pre-training does not hand on: the object/no-object classifier and
+# the patch-only heads, as the official fine-tuning, which drops class_embed and ignores the rest.
+NOT_FROM_QUERY_PATCHES = ("class_embed.", "patch_class_embed.", "patch2query.", "feature_align.", "ssl_head.")
+
+
+def _pretrained_part(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors of a pre-training checkpoint that detection starts from.
+
+    An encoder-task pre-training trained backbone, input projection and encoder only: its decoder
+    and heads never learned. A query-patch pre-training (recognised by ``patch2query``) trained
+    the decoder, queries and box head too, so everything but the classifiers carries over.
+    """
+    if "patch2query.weight" in state:
+        return {k: v for k, v in state.items() if not k.startswith(NOT_FROM_QUERY_PATCHES)}
+    return {k: v for k, v in state.items() if k.startswith(PRETRAINED_PREFIXES)}
 
 
 def load_pretrained_encoder(model: nn.Module, path: str | os.PathLike, logger: logging.Logger) -> LoadReport:
-    """Start detection from a pre-training checkpoint: backbone, input projection and encoder.
+    """Start detection from a pre-training checkpoint (ours or an official UP-DETR one).
 
-    The decoder and heads of a pre-training run never trained, and ``ssl_head.*`` belongs to the
-    pretext task, so both are skipped; shape mismatches stay initialised. The log lists the
-    loaded, skipped and newly initialised keys.
+    What loads is what the pre-training trained (see ``_pretrained_part``); ``ssl_head.*``
+    belongs to the pretext task and is skipped; shape mismatches stay initialised. The log lists
+    the loaded, skipped and newly initialised keys.
     """
     state = load_checkpoint(path)
     state = state.get("model", state)
     model = _unwrap(model)
     own = model.state_dict()
-    wanted = {k: v for k, v in state.items() if k.startswith(PRETRAINED_PREFIXES) and not k.startswith("ssl_head.")}
+    wanted = _pretrained_part(state)
     loaded = [k for k, v in wanted.items() if k in own and v.shape == own[k].shape]
     if not loaded:
         raise CheckpointMismatchError(f"--pretrain {path}: no backbone or encoder tensor fits this model; "

@@ -20,25 +20,41 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 from tqdm import tqdm
 
+from detr_ssl.config import AREA_UNBOUNDED, COCO_AREA_RANGES, parse_area_ranges
+from detr_ssl.data.bad_samples import log_skipped, skipped_in
 from detr_ssl.engine.amp import autocast, to_float32
+from detr_ssl.engine.coco_backend import coco_evaluator
 from detr_ssl.engine.train import Targets, batch_limit, image_ids, logged_losses, to_device
 from detr_ssl.utils.dist import all_gather_object, is_main_process
 from detr_ssl.utils.logging import MetricTracker, TensorBoardLogger
 from detr_ssl.utils.misc import NestedTensor
 
 Detections = dict[int, list[dict[str, Any]]]
-TENSORBOARD_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+AreaRanges = list[tuple[str, float, float]]  # (label, min area, max area) in px^2, see --area_ranges
+COCO_AREAS: AreaRanges = parse_area_ranges(COCO_AREA_RANGES)
+_COCO_AREA_NAMES = {"small": "s", "medium": "m", "large": "l"}  # COCO's APs/APm/APl
 
 
-# The 12 standard COCO box metrics: (AP or AR, IoU threshold or None for 0.50:0.95, area range,
-# index into the sorted maxDets). pycocotools' own summarize() fixes maxDets=100 for the first AP,
-# so it cannot honour --max_dets; these rows do the same computation with any maxDets.
-_SUMMARY_ROWS = (
-    ("AP", None, "all", 2), ("AP", 0.5, "all", 2), ("AP", 0.75, "all", 2),
-    ("AP", None, "small", 2), ("AP", None, "medium", 2), ("AP", None, "large", 2),
-    ("AR", None, "all", 0), ("AR", None, "all", 1), ("AR", None, "all", 2),
-    ("AR", None, "small", 2), ("AR", None, "medium", 2), ("AR", None, "large", 2),
-)
+def _summary_rows(area_labels: list[str]) -> list[tuple[str, float | None, str, int]]:
+    """The COCO box metrics as (AP or AR, IoU threshold or None for 0.50:0.95, area range,
+    index into the sorted maxDets): the 12 standard ones for COCO's areas, one AP and one AR row
+    per area range in general. pycocotools' own summarize() fixes maxDets=100 for the first AP
+    and its three area ranges, so it cannot honour --max_dets or --area_ranges; these rows do
+    the same computation with any of them."""
+    return [("AP", None, "all", 2), ("AP", 0.5, "all", 2), ("AP", 0.75, "all", 2),
+            *(("AP", None, label, 2) for label in area_labels),
+            ("AR", None, "all", 0), ("AR", None, "all", 1), ("AR", None, "all", 2),
+            *(("AR", None, label, 2) for label in area_labels)]
+
+
+def area_stat_name(kind: str, label: str) -> str:
+    """'APs' for COCO's small, medium and large (as everywhere else), 'AP_tiny' for other labels."""
+    return f"{kind}{_COCO_AREA_NAMES[label]}" if label in _COCO_AREA_NAMES else f"{kind}_{label}"
+
+
+def tensorboard_metrics(area_ranges: AreaRanges = COCO_AREAS) -> list[str]:
+    """The metrics plotted in TensorBoard: AP, AP50, AP75 and the AP of each area range."""
+    return ["AP", "AP50", "AP75", *(area_stat_name("AP", label) for label, _, _ in area_ranges)]
 
 
 def coco_max_dets(max_dets: int) -> list[int]:
@@ -46,10 +62,12 @@ def coco_max_dets(max_dets: int) -> list[int]:
     return sorted([1, 10, max_dets])
 
 
-def stat_names(max_dets: int) -> list[str]:
-    """Names of the 12 COCO box metrics, in the order of ``coco_eval_bbox``."""
+def stat_names(max_dets: int, area_ranges: AreaRanges = COCO_AREAS) -> list[str]:
+    """Names of the COCO box metrics, in the order of ``coco_eval_bbox`` (12 for COCO's areas)."""
     few, some, most = coco_max_dets(max_dets)
-    return ["AP", "AP50", "AP75", "APs", "APm", "APl", f"AR{few}", f"AR{some}", f"AR{most}", "ARs", "ARm", "ARl"]
+    labels = [label for label, _, _ in area_ranges]
+    return ["AP", "AP50", "AP75", *(area_stat_name("AP", label) for label in labels),
+            f"AR{few}", f"AR{some}", f"AR{most}", *(area_stat_name("AR", label) for label in labels)]
 
 
 def to_coco_results(image_id: int, detection: dict[str, Tensor], max_dets: int) -> list[dict[str, Any]]:
@@ -73,28 +91,33 @@ def _merge(per_process: list[Detections]) -> Detections:
     return merged
 
 
-def coco_bbox_stats(coco_gt: COCO, detections: Detections, max_dets: int,
-                    logger: logging.Logger) -> tuple[list[float], dict[str, float]]:
-    """COCOeval's 12 box metrics and the AP of each category over exactly the images in
-    ``detections``, tables logged.
+def coco_bbox_stats(coco_gt: COCO, detections: Detections, max_dets: int, logger: logging.Logger,
+                    area_ranges: AreaRanges = COCO_AREAS,
+                    backend: str = "pycocotools") -> tuple[list[float], dict[str, float]]:
+    """COCOeval's box metrics (named by ``stat_names``) and the AP of each category over exactly
+    the images in ``detections``, tables logged. ``area_ranges`` replace COCO's small, medium
+    and large (``--area_ranges``); 'all' is always first. ``backend``: ``--coco_eval_backend``.
 
     No detections at all gives zeros (pycocotools cannot load an empty result list); images
     without ground truth give pycocotools' -1 ("undefined"), as do categories without any.
     """
+    rows = _summary_rows([label for label, _, _ in area_ranges])
     results = [dict(result) for results in detections.values() for result in results]
     if not results:
         logger.warning("no detections in the %d evaluated images: every COCO metric is 0", len(detections))
-        return [0.0] * 12, {}
+        return [0.0] * len(rows), {}
     image_ids = sorted(detections)
     if not coco_gt.getAnnIds(imgIds=image_ids):
         logger.warning("no ground-truth boxes in the %d evaluated images: COCO metrics are undefined (-1)", len(image_ids))
     with redirect_stdout(io.StringIO()):
-        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+        coco_eval = coco_evaluator(coco_gt, results, backend)  # --coco_eval_backend
         coco_eval.params.imgIds = image_ids
         coco_eval.params.maxDets = coco_max_dets(max_dets)
+        coco_eval.params.areaRng = [[0.0, AREA_UNBOUNDED]] + [[low, high] for _, low, high in area_ranges]
+        coco_eval.params.areaRngLbl = ["all"] + [label for label, _, _ in area_ranges]
         coco_eval.evaluate()
         coco_eval.accumulate()
-    stats, lines = zip(*(_summary_row(coco_eval, *row) for row in _SUMMARY_ROWS))
+    stats, lines = zip(*(_summary_row(coco_eval, *row) for row in rows))
     logger.info("COCO box metrics on %d images:\n%s", len(image_ids), "\n".join(lines))
     per_class = per_class_ap(coco_eval, coco_gt)
     _log_per_class(per_class, logger)
@@ -159,14 +182,19 @@ def evaluate(
 ) -> dict[str, Any]:
     """Validation losses and COCO box metrics; the same dict is returned on every process.
 
-    Returns ``{'coco_eval_bbox': [12 stats], 'AP': ..., 'AP50': ..., ..., 'loss': ..., <loss keys>}``
-    and, on the main process, writes ``OUTPUT_DIR/results_{epoch:04d}.json``.
+    Returns ``{'coco_eval_bbox': [stats], 'AP': ..., 'AP50': ..., ..., 'loss': ..., <loss keys>}``
+    (12 stats with COCO's area ranges) and, on the main process, writes
+    ``OUTPUT_DIR/results_{epoch:04d}.json``. Images that ``--skip_bad_samples`` skipped are
+    logged and left out of the metrics.
     """
+    # Checkpoints and namespaces made before --area_ranges existed evaluate with COCO's ranges.
+    area_ranges = parse_area_ranges(getattr(args, "area_ranges", COCO_AREA_RANGES))
     model.eval()
     criterion.eval()
     num_batches = batch_limit(data_loader, args.limit_val_batches)
     meter = MetricTracker()
     detections: Detections = {}
+    skipped: list[str] = []
     progress = tqdm(islice(data_loader, num_batches), total=num_batches, desc=f"epoch {epoch} val",
                     disable=not is_main_process(), dynamic_ncols=True, leave=False)
     for samples, targets in progress:
@@ -174,18 +202,21 @@ def evaluate(
         with autocast(args, device):
             outputs = to_float32(model(samples))
         meter.update(logged_losses(criterion(outputs, targets), criterion.weight_dict))
+        skipped.extend(skipped_in(targets))
         orig_sizes = torch.stack([target["orig_size"] for target in targets])
         for image_id, detection in zip(image_ids(targets), postprocessors["bbox"](outputs, orig_sizes)):
             detections[image_id] = to_coco_results(image_id, detection, args.max_dets)
     detections = _merge(all_gather_object(detections))
+    log_skipped(logger, f"epoch {epoch} val", (m for messages in all_gather_object(skipped) for m in messages))
     stats = None
     if is_main_process():
         if output_dir:
             _write_results(Path(output_dir) / f"results_{epoch:04d}.json", detections)
-        stats = coco_bbox_stats(coco_gt, detections, args.max_dets, logger)
+        stats = coco_bbox_stats(coco_gt, detections, args.max_dets, logger, area_ranges,
+                                getattr(args, "coco_eval_backend", "pycocotools"))
     stats, per_class = all_gather_object(stats)[0]
-    metrics = dict(zip(stat_names(args.max_dets), stats))
-    tb.scalars({name: metrics[name] for name in TENSORBOARD_METRICS}, epoch, "val")
+    metrics = dict(zip(stat_names(args.max_dets, area_ranges), stats))
+    tb.scalars({name: metrics[name] for name in tensorboard_metrics(area_ranges)}, epoch, "val")
     tb.scalars(meter.summary(), epoch, "val")
     logger.info("epoch %d val: %s", epoch, meter.format())
     return {"coco_eval_bbox": stats, **metrics, "per_class_AP": per_class, **meter.summary()}

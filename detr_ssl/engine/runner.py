@@ -18,6 +18,7 @@ from ..config import save_config
 from ..data import ImageFolder, build_dataset, collate_fn, get_coco_api, num_classes_of
 from ..data.loader import build_loader, set_epoch
 from ..models import COCO_NUM_CLASSES, build_model
+from ..models.criterion import query_patch_weight_dict
 from ..ssl.schedule import schedule_value
 from ..utils import dist
 from ..utils.logging import TensorBoardLogger, setup_logging
@@ -67,13 +68,21 @@ def resolve_num_classes(args: argparse.Namespace, datasets: list, logger: loggin
 
 def apply_ssl_schedules(model: torch.nn.Module, criterion: torch.nn.Module, args: argparse.Namespace, epoch: int,
                         logger: logging.Logger) -> None:
-    """Set this epoch's SSL loss weight (lambda) and masking/permutation ratio from their schedules."""
+    """Set this epoch's SSL loss weights (lambda, and the query patches' by the same factor) and the
+    masking/permutation ratio from their schedules."""
+    total = args.epochs
+    announce = epoch == args.start_epoch or "constant" not in (args.ssl_loss_schedule, args.ssl_ratio_schedule)
+    if args.query_patches:
+        factor = schedule_value(args.ssl_loss_schedule, 1.0, epoch, total)
+        criterion.weight_dict.update(query_patch_weight_dict(args, factor))
+        if announce:
+            logger.info("epoch %d: query patches (%s, %d per image) with weight %.4g", epoch, args.ssl_mode,
+                        args.num_patches, args.query_patch_loss_coef * factor)
     if model.ssl_head is None:
         return
-    total = args.epochs
     criterion.weight_dict["loss_ssl"] = schedule_value(args.ssl_loss_schedule, args.ssl_loss_coef, epoch, total)
     model.ssl_head.ratio = schedule_value(args.ssl_ratio_schedule, args.ssl_ratio, epoch, total)
-    if epoch == args.start_epoch or "constant" not in (args.ssl_loss_schedule, args.ssl_ratio_schedule):
+    if announce:
         logger.info("epoch %d: pretext task %s (%s) with lambda %.4g, ratio %.3g", epoch, args.ssl_task,
                     args.ssl_mode, criterion.weight_dict["loss_ssl"], model.ssl_head.ratio)
 

@@ -14,9 +14,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from detr_ssl.data.bad_samples import log_skipped, skipped_in
 from detr_ssl.engine.amp import autocast, build_grad_scaler, to_float32
 from detr_ssl.engine.faults import BadSteps, Interrupted, StopRequest, TooManyBadSteps
-from detr_ssl.utils.dist import is_main_process, reduce_dict
+from detr_ssl.ssl.updetr import draw_patch_localisation, draw_patches
+from detr_ssl.utils.dist import all_gather_object, is_main_process, reduce_dict
 from detr_ssl.utils.logging import MetricTracker, TensorBoardLogger
 from detr_ssl.utils.misc import NestedTensor
 
@@ -108,6 +110,19 @@ def log_ssl_images(model: nn.Module, ssl_outputs: dict[str, Any], tb: TensorBoar
     tb.images(f"ssl/{type(task).name}", grid, step, rows=4)
 
 
+@torch.no_grad()
+def log_patch_images(patch_outputs: dict[str, Any], tb: TensorBoardLogger, step: int) -> None:
+    """UP-DETR pictures: the crops fed as queries, and each image with its crop boxes (green) and
+    the box its query group found for each crop (red)."""
+    num_images = min(len(patch_outputs["targets"]), 2)
+    num_patches = len(patch_outputs["targets"][0]["boxes"])
+    tb.images("ssl/query_patches", draw_patches(patch_outputs["patches"], num_images, num_patches), step,
+              rows=num_images)
+    pictures = draw_patch_localisation(patch_outputs["images"], patch_outputs["sizes"], patch_outputs["targets"],
+                                       patch_outputs["object_scores"], patch_outputs["pred_boxes"], num_images)
+    tb.images("ssl/query_patch_boxes", pictures, step, rows=1)
+
+
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip_max_norm: float,
                     scaler: torch.amp.GradScaler) -> None:
     """Unscale (float16 AMP), clip, step; a disabled scaler makes this a plain clipped step."""
@@ -143,7 +158,8 @@ def train_one_epoch(
 
     A window with a non-finite loss makes no update; ``args.max_bad_steps`` such steps in a row
     (counted in ``bad_steps`` across epochs) raise ``TooManyBadSteps``. A stop signal noted in
-    ``stop`` raises ``Interrupted`` after the optimizer step in progress.
+    ``stop`` raises ``Interrupted`` after the optimizer step in progress. Images that
+    ``--skip_bad_samples`` replaced are logged once, at the end of the epoch.
     """
     model.train()
     criterion.train()
@@ -156,12 +172,14 @@ def train_one_epoch(
     lr = optimizer.param_groups[0]["lr"]
     epoch_meter, window_meter = MetricTracker(), MetricTracker()
     buffers, window_is_bad = None, False
+    skipped: list[str] = []
     optimizer.zero_grad(set_to_none=True)
     progress = tqdm(enumerate(islice(data_loader, max(num_batches - start_batch, 0)), start=start_batch),
                     initial=start_batch, total=num_batches, desc=f"epoch {epoch} train",
                     disable=not is_main_process(), dynamic_ncols=True, leave=False)
     for index, (samples, targets) in progress:
         samples, targets = to_device(samples, targets, device)
+        skipped.extend(skipped_in(targets))
         window, steps_now = _accumulation_window(index, args.accum_steps, num_batches)
         if buffers is None:  # buffers (batch-norm statistics) before the window, restored if it is skipped
             buffers = [buffer.detach().clone() for buffer in model.buffers()]
@@ -180,8 +198,12 @@ def train_one_epoch(
             _warn_non_finite(losses, epoch, index, targets, logger)
             window_is_bad = True
         step = epoch * steps_per_epoch + index // args.accum_steps
-        if "ssl_outputs" in outputs and tb.active and args.vis_every and index % args.vis_every == 0:
-            log_ssl_images(model, outputs["ssl_outputs"], tb, step)
+        pictures = "ssl_outputs" in outputs or "patch_outputs" in outputs
+        if pictures and tb.active and args.vis_every and index % args.vis_every == 0:
+            if "ssl_outputs" in outputs:
+                log_ssl_images(model, outputs["ssl_outputs"], tb, step)
+            if "patch_outputs" in outputs:
+                log_patch_images(outputs["patch_outputs"], tb, step)
         if steps_now:
             if window_is_bad:
                 _skip_step(model, optimizer, buffers, bad_steps, epoch, index + 1, tb, step)
@@ -196,6 +218,7 @@ def train_one_epoch(
         progress.set_postfix(loss=f"{epoch_meter.summary().get('loss', math.nan):.4f}", lr=f"{lr:.2e}",
                              refresh=False)
     logger.info("epoch %d train: %s", epoch, epoch_meter.format())
+    log_skipped(logger, f"epoch {epoch} train", (m for messages in all_gather_object(skipped) for m in messages))
     if bad_steps.total > skipped_before:
         logger.warning("epoch %d: %d optimizer steps skipped for non-finite losses", epoch,
                        bad_steps.total - skipped_before)

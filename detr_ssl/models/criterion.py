@@ -46,10 +46,12 @@ class SetCriterion(nn.Module):
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
                  eos_coef: float = 0.1, focal_alpha: float | None = None,
-                 losses: tuple[str, ...] = ("labels", "boxes", "cardinality"), ssl_task: nn.Module | None = None):
+                 losses: tuple[str, ...] = ("labels", "boxes", "cardinality"), ssl_task: nn.Module | None = None,
+                 patch_criterion: SetCriterion | None = None):
         super().__init__()
         # the task's loss, not the task: its head belongs to the model (and its checkpoint)
         self.ssl_loss = None if ssl_task is None else ssl_task.outputs_loss
+        self.patch_criterion = patch_criterion  # UP-DETR: the crops' set losses, reported as loss_patch_*
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
@@ -98,9 +100,20 @@ class SetCriterion(nn.Module):
                                              reduction="sum", eps=0.0)
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou / num_boxes}
 
+    def loss_feature(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float) -> dict[str, Tensor]:
+        """UP-DETR feature reconstruction: squared distance between the L2-normalised features that
+        matched queries reconstruct and their crops' pooled backbone features, summed over matches
+        and divided by the number of targets."""
+        predicted = outputs["pred_feature"][matched_query_index(indices)]
+        crop_features = outputs["gt_feature"].unflatten(0, (len(indices), -1))
+        target = torch.cat([features[j] for features, (_, j) in zip(crop_features, indices)])
+        loss = F.mse_loss(F.normalize(predicted, dim=1), F.normalize(target, dim=1), reduction="sum")
+        return {"loss_feature": loss / num_boxes}
+
     def get_loss(self, name: str, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float,
                  **kwargs) -> dict[str, Tensor]:
-        loss_map = {"labels": self.loss_labels, "cardinality": self.loss_cardinality, "boxes": self.loss_boxes}
+        loss_map = {"labels": self.loss_labels, "cardinality": self.loss_cardinality, "boxes": self.loss_boxes,
+                    "feature": self.loss_feature}
         if name not in loss_map:
             raise ValueError(f"unknown loss {name!r}; known: {sorted(loss_map)}")
         return loss_map[name](outputs, targets, indices, num_boxes, **kwargs)
@@ -116,11 +129,16 @@ class SetCriterion(nn.Module):
         return {key + suffix: value for key, value in losses.items()}
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
-        """Detection losses for the detection outputs, ``loss_ssl`` for ``ssl_outputs``: pre-training
-        outputs hold only the latter."""
+        """Detection losses for the detection outputs, ``loss_ssl`` for ``ssl_outputs`` and the
+        ``loss_patch_*`` set losses of the query patches (``patch_outputs``, matched against their
+        own crop boxes): pre-training outputs hold only the latter two."""
         losses = {}
         if "ssl_outputs" in outputs:
             losses.update(self.ssl_loss(outputs["ssl_outputs"]))
+        if "patch_outputs" in outputs:
+            patches = outputs["patch_outputs"]
+            losses.update({patch_loss_name(k): v
+                           for k, v in self.patch_criterion.detection_set_losses(patches, patches["targets"]).items()})
         if "pred_logits" in outputs:
             losses.update(self.detection_set_losses(outputs, targets))
         return losses
@@ -146,16 +164,44 @@ def top1_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     return (logits.argmax(-1) == labels).float().mean() * 100
 
 
-def detection_weight_dict(args) -> dict[str, float]:
-    """Loss weights for the last decoder layer and, with ``--aux_loss``, each earlier one (and the
-    two-stage proposals). The class weight is 1 for DETR and ``--cls_loss_coef`` for Deformable DETR."""
-    class_coef = args.cls_loss_coef if args.model == "deformable_detr" else 1.0
-    last_layer = {"loss_ce": class_coef, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+def patch_loss_name(name: str) -> str:
+    """The name of a query-patch loss: ``loss_ce_0`` -> ``loss_patch_ce_0``, ``class_error`` ->
+    ``patch_class_error``."""
+    return "loss_patch_" + name[len("loss_"):] if name.startswith("loss_") else "patch_" + name
+
+
+def _set_weights(args, last_layer: dict[str, float], proposals: bool) -> dict[str, float]:
+    """``last_layer``'s weights repeated for each auxiliary decoder layer (and the proposals)."""
     weights = dict(last_layer)
     if args.aux_loss:
-        suffixes = [f"_{i}" for i in range(args.dec_layers - 1)] + (["_enc"] if getattr(args, "two_stage", False) else [])
+        suffixes = [f"_{i}" for i in range(args.dec_layers - 1)] + (["_enc"] if proposals else [])
         for suffix in suffixes:
             weights.update({key + suffix: value for key, value in last_layer.items()})
+    return weights
+
+
+def _class_coef(args) -> float:
+    """The class weight: 1 for DETR, ``--cls_loss_coef`` for Deformable DETR."""
+    return args.cls_loss_coef if args.model == "deformable_detr" else 1.0
+
+
+def query_patch_weight_dict(args, scale: float = 1.0) -> dict[str, float]:
+    """Weights of the UP-DETR losses: the detection weights (and 1 for ``--feature_recon``), times
+    ``--query_patch_loss_coef`` and ``scale`` (the --ssl_loss_schedule factor of the epoch)."""
+    last_layer = {"loss_ce": _class_coef(args), "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    if args.feature_recon:
+        last_layer["loss_feature"] = 1.0
+    coef = args.query_patch_loss_coef * scale
+    return {patch_loss_name(k): v * coef for k, v in _set_weights(args, last_layer, proposals=False).items()}
+
+
+def detection_weight_dict(args) -> dict[str, float]:
+    """Loss weights for the last decoder layer and, with ``--aux_loss``, each earlier one (and the
+    two-stage proposals); then the SSL weights: ``loss_ssl`` (lambda) and the query patches'."""
+    last_layer = {"loss_ce": _class_coef(args), "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    weights = _set_weights(args, last_layer, proposals=getattr(args, "two_stage", False))
     if args.ssl_task != "none":
         weights["loss_ssl"] = args.ssl_loss_coef  # lambda; a --ssl_loss_schedule updates it every epoch
+    if getattr(args, "query_patches", False):
+        weights.update(query_patch_weight_dict(args))
     return weights

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from ..utils.box_ops import inverse_sigmoid
 from ..utils.misc import NestedTensor
 from .deformable_transformer import DeformableTransformer
-from .detr import MLP, prediction_dict
+from .heads import MLP, prediction_dict
+from .query_patches import PatchQueries, QueryPatchOptions
 from .ssl_pass import SelfSupervisedMixin
 
 PRIOR_PROBABILITY = 0.01  # initial sigmoid score of every class, so the focal loss starts stable
@@ -50,12 +51,17 @@ class DeformableDETR(SelfSupervisedMixin, nn.Module):
     """Detects objects from ``num_feature_levels`` feature levels with ``num_queries`` queries.
 
     With ``ssl_head`` (a pretext task), the encoder tokens of the highest-resolution level
-    (stride 8) also feed the task.
+    (stride 8) also feed the task; with ``query_patches``, the decoder also learns to find
+    random crops (UP-DETR, which the official code has for DETR only: here the patch features
+    join the queries' positional half, from which the reference points are predicted).
     """
+
+    uses_sigmoid_classes = True
 
     def __init__(self, backbone: nn.Module, transformer: DeformableTransformer, num_classes: int, num_queries: int,
                  num_feature_levels: int, aux_loss: bool = True, with_box_refine: bool = False,
-                 two_stage: bool = False, ssl_head: nn.Module | None = None, ssl_mode: str = "multitask"):
+                 two_stage: bool = False, ssl_head: nn.Module | None = None, ssl_mode: str = "multitask",
+                 query_patches: QueryPatchOptions | None = None):
         super().__init__()
         if two_stage and not with_box_refine:
             raise ValueError("two-stage Deformable DETR needs box refinement (--with_box_refine), as the official one")
@@ -93,6 +99,7 @@ class DeformableDETR(SelfSupervisedMixin, nn.Module):
         self.backbone = backbone
         self.ssl_head = ssl_head
         self.ssl_mode = ssl_mode
+        self._init_query_patches(query_patches, backbone.num_channels[-1], hidden_dim)
 
     def multiscale_features(self, samples: NestedTensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Projected features, padding masks and positions of every level, extra levels included."""
@@ -113,21 +120,41 @@ class DeformableDETR(SelfSupervisedMixin, nn.Module):
         """Backbone + encoder: (B, S, C) memory over all levels and its flat layout (shapes, masks...)."""
         return self.transformer.encode(*self.multiscale_features(samples))
 
-    def run(self, samples: NestedTensor, decode: bool = True) -> tuple[dict, list[tuple[Tensor, Tensor]]]:
-        """Encode, and decode if asked: the official output dict (empty without decoding) and each
-        level's encoder tokens and positions (level embedding included) as (B, h, w, C) maps,
-        finest first."""
+    def run(self, samples: NestedTensor, decode: bool = True,
+            patch_queries: PatchQueries | None = None) -> tuple[dict, list[tuple[Tensor, Tensor]]]:
+        """Encode, and decode if asked: the official output dict (empty without decoding; with
+        ``patch_queries`` also ``patch_outputs``) and each level's encoder tokens and positions
+        (level embedding included) as (B, h, w, C) maps, finest first."""
         memory, flat = self.encode(samples)
         levels = []
         for (height, width), start in zip(flat["spatial_shapes"].tolist(), flat["level_start_index"].tolist()):
             tokens = slice(start, start + height * width)
             levels.append((memory[:, tokens].unflatten(1, (height, width)),
                            flat["pos"][:, tokens].unflatten(1, (height, width))))
-        return (self.predict(memory, flat) if decode else {}), levels
+        outputs = self.predict(memory, flat) if decode else {}
+        if patch_queries is not None:
+            outputs["patch_outputs"] = self.predict_patches(memory, flat, patch_queries)
+        return outputs, levels
 
     def predict(self, memory: Tensor, flat: dict) -> dict:
         """Decode the queries and apply the per-layer heads: the official output dict."""
         decoded = self.transformer.decode(memory, flat, None if self.two_stage else self.query_embed.weight)
+        logits, boxes = self.layer_predictions(decoded, self.class_embed)
+        out = prediction_dict(logits, boxes, self.aux_loss)
+        if self.two_stage:
+            out["enc_outputs"] = {"pred_logits": decoded["enc_class"], "pred_boxes": decoded["enc_coord_unact"].sigmoid()}
+        return out
+
+    def predict_patches(self, memory: Tensor, flat: dict, patch_queries: PatchQueries) -> dict:
+        """Decode the query patches (object queries plus patch features, groups masked): UP-DETR outputs."""
+        query_embed = None if self.two_stage else self.query_embed.weight[patch_queries.order]
+        decoded = self.transformer.decode(memory, flat, query_embed, query_pos_offset=patch_queries.queries,
+                                          self_attn_mask=self.patch_attn_mask)
+        logits, boxes = self.layer_predictions(decoded, self.patch_class_heads(len(decoded["hs"])))
+        return self.patch_outputs(logits, boxes, decoded["hs"], patch_queries)
+
+    def layer_predictions(self, decoded: dict, class_heads: list[nn.Module]) -> tuple[Tensor, Tensor]:
+        """(L, B, Q, classes) logits and (L, B, Q, 4) boxes of every decoder layer."""
         hs = decoded["hs"]
         # layer l predicts relative to the references it read: the initial ones, then layer l-1's
         # (with refinement these become boxes, so the two cannot be stacked)
@@ -140,9 +167,6 @@ class DeformableDETR(SelfSupervisedMixin, nn.Module):
                 delta = delta + reference
             else:
                 delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            logits.append(self.class_embed[layer](hs[layer]))
+            logits.append(class_heads[layer](hs[layer]))
             boxes.append(delta.sigmoid())
-        out = prediction_dict(torch.stack(logits), torch.stack(boxes), self.aux_loss)
-        if self.two_stage:
-            out["enc_outputs"] = {"pred_logits": decoded["enc_class"], "pred_boxes": decoded["enc_coord_unact"].sigmoid()}
-        return out
+        return torch.stack(logits), torch.stack(boxes)

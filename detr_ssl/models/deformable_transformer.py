@@ -115,9 +115,11 @@ class DeformableDecoderLayer(FeedForwardMixin, nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+                spatial_shapes: Tensor, level_start_index: Tensor, padding_mask: Tensor | None = None,
+                self_attn_mask: Tensor | None = None) -> Tensor:
         q = k = with_pos_embed(tgt, query_pos)
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, value=tgt, need_weights=False)[0]))
+        attended = self.self_attn(q, k, value=tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        tgt = self.norm2(tgt + self.dropout2(attended))
         attended = self.cross_attn(with_pos_embed(tgt, query_pos), reference_points, memory, spatial_shapes,
                                    level_start_index, padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attended))
@@ -168,12 +170,12 @@ class DeformableDecoder(nn.Module):
 
     def forward(self, tgt: Tensor, reference_points: Tensor, memory: Tensor, spatial_shapes: Tensor,
                 level_start_index: Tensor, valid_ratios: Tensor, query_pos: Tensor,
-                padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+                padding_mask: Tensor, self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         outputs, references = [], []
         for index, layer in enumerate(self.layers):
             ratios = valid_ratios if reference_points.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
             tgt = layer(tgt, query_pos, reference_points[:, :, None] * ratios[:, None], memory, spatial_shapes,
-                        level_start_index, padding_mask)
+                        level_start_index, padding_mask, self_attn_mask)
             if self.bbox_embed is not None:
                 delta = self.bbox_embed[index](tgt)
                 if reference_points.shape[-1] == 4:
@@ -294,9 +296,15 @@ class DeformableTransformer(nn.Module):
         output_memory = memory.masked_fill(mask.unsqueeze(-1), 0.0).masked_fill(~valid, 0.0)
         return self.enc_output_norm(self.enc_output(output_memory)), proposals
 
-    def decode(self, memory: Tensor, flat: dict, query_embed: Tensor | None) -> dict[str, Tensor]:
+    def decode(self, memory: Tensor, flat: dict, query_embed: Tensor | None, query_pos_offset: Tensor | None = None,
+               self_attn_mask: Tensor | None = None) -> dict[str, Tensor]:
         """Decode queries against the memory: ``hs`` (layers, B, Q, C), the initial and per-layer
-        references, and for two-stage the encoder's proposal logits and boxes (logit space)."""
+        references, and for two-stage the encoder's proposal logits and boxes (logit space).
+
+        ``query_pos_offset`` (B, Q, C) is added to the queries' positional half (UP-DETR patch
+        features; before the reference points are predicted from it, so a query can look where its
+        patch is); ``self_attn_mask`` (Q, Q) is True where a query may not look at another.
+        """
         batch, _, channels = memory.shape
         out: dict[str, Tensor] = {}
         if self.two_stage:
@@ -309,14 +317,15 @@ class DeformableTransformer(nn.Module):
             reference_points = topk_coords.sigmoid()
             query_pos, tgt = torch.split(self.pos_trans_norm(self.pos_trans(proposal_pos_embed(topk_coords, channels // 2))),
                                          channels, dim=2)
+            query_pos = with_pos_embed(query_pos, query_pos_offset)
         else:
             query_pos, tgt = torch.split(query_embed, channels, dim=1)
-            query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
+            query_pos = with_pos_embed(query_pos.unsqueeze(0).expand(batch, -1, -1), query_pos_offset)
             tgt = tgt.unsqueeze(0).expand(batch, -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()
         out["hs"], out["inter_references"] = self.decoder(
             tgt, reference_points, memory, flat["spatial_shapes"], flat["level_start_index"], flat["valid_ratios"],
-            query_pos, flat["mask"])
+            query_pos, flat["mask"], self_attn_mask)
         out["init_reference"] = reference_points
         return out
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils.misc import NestedTensor, as_nested_tensor
+from .query_patches import QueryPatchMixin
 
 SIZE_DIVISIBILITY = 32  # the deepest backbone stride: padding to it makes every level's token grid exact
 
@@ -25,14 +26,17 @@ def pad_to_multiple(samples: NestedTensor, multiple: int) -> NestedTensor:
                         F.pad(samples.mask, (0, pad_w, 0, pad_h), value=True))
 
 
-class SelfSupervisedMixin:
-    """``forward`` for detectors that implement ``run(samples, decode) -> (outputs, levels)``, where
-    ``levels`` lists the (B, h, w, C) encoder tokens and position embeddings of each level, the
-    first being the one whose stride is the pretext task's patch size (the others feed
-    ``--ssl_levels``).
+class SelfSupervisedMixin(QueryPatchMixin):
+    """``forward`` for detectors that implement ``run(samples, decode, patch_queries) -> (outputs,
+    levels)``, where ``levels`` lists the (B, h, w, C) encoder tokens and position embeddings of
+    each level, the first being the one whose stride is the pretext task's patch size (the
+    others feed ``--ssl_levels``).
 
-    ``ssl_head`` (the pretext task, or None) and ``ssl_mode`` ('pretrain' or 'multitask') are
-    set by the model's constructor. In evaluation a multi-task model only detects.
+    ``ssl_head`` (the pretext task, or None), ``ssl_mode`` ('pretrain' or 'multitask') and the
+    UP-DETR ``query_patches`` (see :class:`QueryPatchMixin`) are set by the model's constructor.
+    The clean pass decodes the object queries (not in pre-training) and the query patches; a
+    task that corrupts its input gets a second, encoder-only pass. In evaluation a multi-task
+    model only detects.
     """
 
     ssl_head: nn.Module | None
@@ -40,19 +44,22 @@ class SelfSupervisedMixin:
 
     def forward(self, samples: NestedTensor | list[Tensor]) -> dict:
         """``samples``: a NestedTensor or a list of CHW images; returns the official output dict
-        (plus ``ssl_outputs`` with a pretext task; only those in pre-training)."""
+        (plus ``ssl_outputs`` with a pretext task and ``patch_outputs`` with query patches; only
+        those in pre-training)."""
         samples = as_nested_tensor(samples)
-        task = self.ssl_head
-        if task is None or (self.ssl_mode == "multitask" and not self.training):
+        task, pretrain = self.ssl_head, self.ssl_mode == "pretrain"
+        if (task is None and self.query_patches is None) or not (pretrain or self.training):
             return self.run(samples, decode=True)[0]
-        samples = pad_to_multiple(samples, self.ssl_size_divisibility())
-        corrupted, targets = task.corrupt(samples.tensors, ~samples.mask)
-        if self.ssl_mode == "pretrain":
-            outputs, levels = {}, self.run(NestedTensor(corrupted, samples.mask), decode=False)[1]
-        elif not task.corrupts_input:  # one clean pass serves detection and the task
-            outputs, levels = self.run(samples, decode=True)
-        else:
-            outputs = self.run(samples, decode=True)[0]
+        if task is not None:
+            samples = pad_to_multiple(samples, self.ssl_size_divisibility())
+            corrupted, targets = task.corrupt(samples.tensors, ~samples.mask)
+        outputs, levels = {}, None
+        if self.query_patches is not None or not pretrain:
+            patch_queries = None if self.query_patches is None else self.make_patch_queries(samples)
+            outputs, levels = self.run(samples, decode=not pretrain, patch_queries=patch_queries)
+        if task is None:
+            return outputs
+        if levels is None or task.corrupts_input:
             levels = self.run(NestedTensor(corrupted, samples.mask), decode=False)[1]
         outputs["ssl_outputs"] = {
             "prediction": task.predict(*levels[0], targets),

@@ -79,9 +79,9 @@ class TransformerDecoderLayer(FeedForwardMixin, nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.normalize_before = normalize_before
 
-    def _self_attend(self, tgt: Tensor, query_pos: Tensor | None) -> Tensor:
+    def _self_attend(self, tgt: Tensor, query_pos: Tensor | None, attn_mask: Tensor | None) -> Tensor:
         q = k = with_pos_embed(tgt, query_pos)
-        return self.self_attn(q, k, value=tgt, need_weights=False)[0]
+        return self.self_attn(q, k, value=tgt, attn_mask=attn_mask, need_weights=False)[0]
 
     def _cross_attend(self, tgt: Tensor, memory: Tensor, query_pos: Tensor | None, pos: Tensor | None,
                       memory_key_padding_mask: Tensor | None) -> Tensor:
@@ -91,12 +91,13 @@ class TransformerDecoderLayer(FeedForwardMixin, nn.Module):
         )[0]
 
     def forward(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Tensor | None = None,
-                pos: Tensor | None = None, query_pos: Tensor | None = None) -> Tensor:
+                pos: Tensor | None = None, query_pos: Tensor | None = None,
+                self_attn_mask: Tensor | None = None) -> Tensor:
         if self.normalize_before:
-            tgt = tgt + self.dropout1(self._self_attend(self.norm1(tgt), query_pos))
+            tgt = tgt + self.dropout1(self._self_attend(self.norm1(tgt), query_pos, self_attn_mask))
             tgt = tgt + self.dropout2(self._cross_attend(self.norm2(tgt), memory, query_pos, pos, memory_key_padding_mask))
             return tgt + self.dropout3(self.ffn(self.norm3(tgt)))
-        tgt = self.norm1(tgt + self.dropout1(self._self_attend(tgt, query_pos)))
+        tgt = self.norm1(tgt + self.dropout1(self._self_attend(tgt, query_pos, self_attn_mask)))
         tgt = self.norm2(tgt + self.dropout2(self._cross_attend(tgt, memory, query_pos, pos, memory_key_padding_mask)))
         return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
 
@@ -122,10 +123,12 @@ class TransformerDecoder(nn.Module):
         self.norm = norm
 
     def forward(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Tensor | None = None,
-                pos: Tensor | None = None, query_pos: Tensor | None = None) -> Tensor:
+                pos: Tensor | None = None, query_pos: Tensor | None = None,
+                self_attn_mask: Tensor | None = None) -> Tensor:
         intermediate = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, memory_key_padding_mask=memory_key_padding_mask, pos=pos, query_pos=query_pos)
+            tgt = layer(tgt, memory, memory_key_padding_mask=memory_key_padding_mask, pos=pos, query_pos=query_pos,
+                        self_attn_mask=self_attn_mask)
             intermediate.append(self.norm(tgt))
         return torch.stack(intermediate)
 
@@ -152,11 +155,13 @@ class Transformer(nn.Module):
         return self.encoder(src.flatten(2).transpose(1, 2), key_padding_mask=mask.flatten(1),
                             pos=pos.flatten(2).transpose(1, 2))
 
-    def decode(self, memory: Tensor, mask: Tensor, pos: Tensor, query_embed: Tensor) -> Tensor:
-        """Decode (Q, C) query embeddings against (B, HW, C) memory -> (layers, B, Q, C)."""
-        query_pos = query_embed.unsqueeze(0).expand(memory.shape[0], -1, -1)
+    def decode(self, memory: Tensor, mask: Tensor, pos: Tensor, query_embed: Tensor,
+               self_attn_mask: Tensor | None = None) -> Tensor:
+        """Decode (Q, C) query embeddings (or (B, Q, C), one set per image) against (B, HW, C)
+        memory -> (layers, B, Q, C). ``self_attn_mask`` (Q, Q), True where a query may not look."""
+        query_pos = query_embed.expand(memory.shape[0], -1, -1)
         return self.decoder(memory.new_zeros(query_pos.shape), memory, memory_key_padding_mask=mask.flatten(1),
-                            pos=pos.flatten(2).transpose(1, 2), query_pos=query_pos)
+                            pos=pos.flatten(2).transpose(1, 2), query_pos=query_pos, self_attn_mask=self_attn_mask)
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         memory = self.encode(src, mask, pos)

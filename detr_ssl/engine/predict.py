@@ -1,0 +1,167 @@
+"""Inference with a trained checkpoint on images of any size (``scripts/predict.py``).
+
+A detector trained on 800 px iSAID patches has to see full aerial images (thousands of pixels)
+at the same scale: the image is cut into overlapping windows with the grid of
+``prepare_isaid.py``, each window goes through the evaluation transforms and the model, and the
+windows' detections are shifted back and merged (``detr_ssl.data.tiling``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.ops import clip_boxes_to_image
+
+from detr_ssl.config import MODEL_DEFAULTS, build_parser
+from detr_ssl.data.coco import split_paths
+from detr_ssl.data.isaid import ISAID_CATEGORIES
+from detr_ssl.data.tiling import Window, merge_window_detections, sliding_windows
+from detr_ssl.data.transforms import build_transforms, xyxy_boxes
+from detr_ssl.engine.checkpoint import CheckpointMismatchError, load_checkpoint, load_model_state
+from detr_ssl.models import build_model
+from detr_ssl.utils.logging import LOGGER_NAME
+from detr_ssl.utils.misc import nested_tensor_from_tensor_list
+
+SSL_PREFIX = "ssl_head."
+
+
+def _saved_args(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    saved = checkpoint.get("args") or {}
+    return dict(vars(saved) if isinstance(saved, argparse.Namespace) else saved)
+
+
+def inference_args(checkpoint: dict[str, Any], device: str) -> argparse.Namespace:
+    """The configuration a checkpoint was trained with, completed with today's defaults, for
+    building its detector: no weight download, no pretext task (its ``ssl_head.*`` is dropped).
+
+    Official DETR / Deformable DETR checkpoints save no ``model`` or ``num_classes``: they are
+    read off the state dict (a level embedding means Deformable DETR; the class head's rows
+    give the class count).
+    """
+    saved = _saved_args(checkpoint)
+    state = checkpoint["model"]
+    args = build_parser().parse_args([])
+    vars(args).update({key: value for key, value in saved.items() if hasattr(args, key)})
+    if "model" not in saved:
+        args.model = "deformable_detr" if "transformer.level_embed" in state else "detr"
+    if saved.get("num_classes") is None:
+        head = next((v for k, v in state.items() if k in ("class_embed.weight", "class_embed.0.weight")), None)
+        if head is not None:
+            args.num_classes = head.shape[0] - (1 if args.model == "detr" else 0)
+    for key, value in MODEL_DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.device, args.backbone_weights, args.pretrain, args.resume = device, "none", "", ""
+    args.ssl_task, args.ssl_levels, args.tokenizer = "none", False, None
+    return args
+
+
+@contextmanager
+def _weights_come_later() -> Iterator[None]:
+    """Silence the backbone's warning about random weights with frozen BatchNorm: it is about
+    training, and here the checkpoint's weights replace the random ones at once."""
+    def not_about_random_weights(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("random backbone weights")
+
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addFilter(not_about_random_weights)
+    try:
+        yield
+    finally:
+        logger.removeFilter(not_about_random_weights)
+
+
+def load_detector(path: str | Path, device: str, logger: logging.Logger) -> tuple[nn.Module, nn.Module,
+                                                                                  argparse.Namespace]:
+    """(model in eval mode on ``device``, its box post-processor, its configuration) from a
+    checkpoint file; the weights must match the model exactly (``ssl_head.*`` aside)."""
+    checkpoint = load_checkpoint(path)
+    if "model" not in checkpoint:
+        raise ValueError(f"{path}: not a detr_ssl/DETR checkpoint (no 'model' entry; keys: {sorted(checkpoint)})")
+    if _saved_args(checkpoint).get("ssl_mode") == "pretrain":
+        raise ValueError(f"{path} is a pre-training checkpoint (--ssl_mode pretrain): its decoder and heads never "
+                         "learnt to detect. Fine-tune it first (main.py --pretrain CKPT ...) and predict with that")
+    args = inference_args(checkpoint, device)
+    with _weights_come_later():
+        model, _, postprocessors = build_model(args)
+    state = {k: v for k, v in checkpoint["model"].items() if not k.startswith(SSL_PREFIX)}
+    try:
+        load_model_state(model, state, logger, strict=True)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"{path}: {err}; the configuration saved in it (args) does not build the "
+                                      "model its weights come from") from err
+    return model.to(device).eval(), postprocessors["bbox"], args
+
+
+def category_names(args: argparse.Namespace, coco_json: str | Path | None = None) -> dict[int, str]:
+    """Names of the class indices: from ``coco_json``'s categories if given, else iSAID's for an
+    iSAID checkpoint, else the training annotations the checkpoint names, if they are still there;
+    empty when none of these is known."""
+    if coco_json is None and args.dataset_file == "isaid":
+        return dict(ISAID_CATEGORIES)
+    if coco_json is None and args.data_path and args.dataset_file != "folder":
+        try:
+            coco_json = split_paths(args.data_path, args.train_split)[1]
+        except FileNotFoundError:
+            return {}
+    if coco_json is None:
+        return {}
+    try:
+        categories = json.loads(Path(coco_json).read_text()).get("categories", [])
+    except (OSError, json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{coco_json}: cannot read the categories of this COCO json: {err}") from err
+    return {int(cat["id"]): str(cat["name"]) for cat in categories}
+
+
+class SlidingWindowPredictor:
+    """Detections on a whole image: windows of ``window`` px overlapping by ``overlap`` (one
+    window of the whole image with ``window`` <= 0 or a small image), each prepared exactly as
+    in evaluation (resized to the checkpoint's ``--min_size``/``--max_size``, normalised), run in
+    batches of ``batch_size``; detections under ``score_threshold`` are dropped, boxes clipped to
+    their window, and the windows merged with class-wise NMS at ``nms_iou`` (see
+    ``merge_window_detections``)."""
+
+    def __init__(self, model: nn.Module, postprocess: nn.Module, args: argparse.Namespace, window: int = 800,
+                 overlap: int = 200, batch_size: int = 4, score_threshold: float = 0.0, nms_iou: float = 0.5) -> None:
+        if window > 0 and not 0 <= overlap < window:
+            raise ValueError(f"need 0 <= overlap < window, got window={window}, overlap={overlap}")
+        self.model, self.postprocess = model, postprocess
+        self.device = next(model.parameters()).device
+        self.transforms = build_transforms("val", args.min_size, args.max_size)
+        self.window, self.overlap, self.batch_size = window, overlap, batch_size
+        self.score_threshold, self.nms_iou = score_threshold, nms_iou
+
+    def windows(self, width: int, height: int) -> list[Window]:
+        if self.window <= 0:
+            return [Window(0, 0, width, height)]
+        return sliding_windows(width, height, self.window, self.overlap)
+
+    def _prepare(self, crop: Image.Image) -> Tensor:
+        empty = {"boxes": xyxy_boxes(torch.zeros(0, 4), crop.height, crop.width),
+                 "labels": torch.zeros(0, dtype=torch.int64), "iscrowd": torch.zeros(0, dtype=torch.int64)}
+        return self.transforms(crop, empty)[0]
+
+    @torch.no_grad()
+    def __call__(self, image: Image.Image) -> dict[str, Tensor]:
+        """``boxes`` (XYXY pixels of ``image``), ``scores`` and ``labels``, best first, on the CPU."""
+        image = image.convert("RGB")
+        windows = self.windows(image.width, image.height)
+        detections = []
+        for start in range(0, len(windows), self.batch_size):
+            chunk = windows[start:start + self.batch_size]
+            batch = nested_tensor_from_tensor_list([self._prepare(image.crop(w)) for w in chunk]).to(self.device)
+            sizes = torch.tensor([[w.y1 - w.y0, w.x1 - w.x0] for w in chunk], device=self.device)
+            for found, window in zip(self.postprocess(self.model(batch), sizes), chunk):
+                keep = found["scores"] >= self.score_threshold
+                found = {key: value[keep].cpu() for key, value in found.items()}
+                found["boxes"] = clip_boxes_to_image(found["boxes"], (window.y1 - window.y0, window.x1 - window.x0))
+                detections.append(found)
+        return merge_window_detections(detections, windows, image.width, image.height, self.nms_iou)
