@@ -4,6 +4,8 @@
     python scripts/benchmark_train.py --model deformable_detr   # Deformable DETR-R50, 4 levels, 300 queries
     python scripts/benchmark_train.py --model deformable_detr --msda_backend pytorch   # any main.py flag passes through
     python scripts/benchmark_train.py --model detr --amp        # bfloat16 autocast on a CPU
+    python scripts/benchmark_train.py --model detr --ssl_task mim_continuous   # multi-task SSL step
+    python scripts/benchmark_train.py --model detr --profile    # also print torch.profiler's top ops
 
 Inputs are real sample photos resized to SIZE x SIZE with their real boxes, so the matcher and
 losses do real work. Timing excludes data loading.
@@ -43,6 +45,18 @@ def sample_batch(args: argparse.Namespace, batch_size: int, size: int, device: t
     return samples.to(device), targets
 
 
+def profile_table(step, synchronize, device: torch.device, steps: int = 2, rows: int = 25) -> str:
+    """torch.profiler's op table over ``steps`` steps, by self CPU time, with each op's share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=45)
+
+
 def main(argv: list[str] | None = None) -> None:
     bench = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("--model", default="detr", choices=["detr", "deformable_detr"])
@@ -52,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    bench.add_argument("--profile", action="store_true",
+                       help="after timing, profile 2 more steps and print the ops by self CPU time to stderr")
     opts, extra = bench.parse_known_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -91,11 +107,13 @@ def main(argv: list[str] | None = None) -> None:
         synchronize()
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
+    if opts.profile:
+        print(profile_table(step, synchronize, device), file=sys.stderr)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     print(json.dumps({
         "benchmark": "train_step", "model": opts.model, "batch_size": opts.batch_size, "size": opts.size,
-        "queries": args.num_queries, "precision": str(amp_dtype(args, device) or torch.float32).replace("torch.", ""), "device": str(device),
+        "queries": args.num_queries, "ssl_task": args.ssl_task, "ssl_mode": args.ssl_mode, "precision": str(amp_dtype(args, device) or torch.float32).replace("torch.", ""), "device": str(device),
         "s_per_it": round(seconds, 4), "s_per_it_min": round(min(times), 4), "imgs_per_s": round(opts.batch_size / seconds, 3),
         "peak_memory_mb": round(peak / 2**20, 1), "iters": opts.iters,
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "platform": platform.platform(),

@@ -74,3 +74,20 @@ def test_matcher_handles_images_without_targets():
 def test_all_zero_costs_are_refused():
     with pytest.raises(ValueError):
         HungarianMatcher(0, 0, 0)
+
+
+@pytest.mark.parametrize("focal", [False, True])
+def test_batched_matching_equals_matching_each_image_alone(focal):
+    """Target lists of different lengths are padded inside the matcher; the padding never leaks into a match."""
+    generator = torch.Generator().manual_seed(7)
+    counts = [0, 3, 12, 1, 7]
+    outputs = {"pred_logits": torch.randn(len(counts), 30, 6, generator=generator) * 2,
+               "pred_boxes": random_boxes(len(counts) * 30, generator).view(len(counts), 30, 4)}
+    targets = [{"labels": torch.randint(0, 5, (n,), generator=generator), "boxes": random_boxes(n, generator)}
+               for n in counts]
+    matcher = HungarianMatcher(1, 5, 2, focal=focal)
+    together = matcher(outputs, targets)
+    for b, target in enumerate(targets):
+        alone = matcher({key: value[b:b + 1] for key, value in outputs.items()}, [target])[0]
+        assert all(torch.equal(x, y) for x, y in zip(together[b], alone))
+        assert together[b][0].dtype == together[b][1].dtype == torch.int64

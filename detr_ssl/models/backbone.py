@@ -60,6 +60,52 @@ def _file_state_dict(path: str) -> dict[str, Tensor]:
 NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
 
 
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A FrozenBatchNorm2d applied by the convolution before it (:class:`FrozenBNConv2d`): its own
+    forward is the identity. Its buffers, and so the state-dict keys, stay where they were."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """The per-channel affine map x * scale + shift, computed as FrozenBatchNorm2d does."""
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
+
+class FrozenBNConv2d(nn.Conv2d):
+    """A bias-free convolution followed by a frozen BatchNorm, run as one convolution with the
+    weights scaled and the shift as bias: two passes over the activations fewer in the forward,
+    one in the backward. The weights stay the trained parameter (the scaling is recomputed every
+    call, so gradients and checkpoints are those of the unfolded pair); the BatchNorm module is
+    referenced, not owned, so it keeps its place and keys in the module tree."""
+
+    frozen_bn: FoldedFrozenBatchNorm2d
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale, shift = self.frozen_bn.scale_shift()
+        return self._conv_forward(x, self.weight * scale[:, None, None, None], shift)
+
+
+def fold_frozen_batchnorm(resnet: nn.Module) -> None:
+    """Fold every FrozenBatchNorm2d of a torchvision ResNet into the convolution before it, in place
+    (stem, each block's convN/bnN pairs and its downsample). The module tree, parameters, buffers
+    and state-dict keys are unchanged; outputs equal the unfolded ones within float rounding."""
+    pairs = [(resnet, "conv1", "bn1")]
+    for stage in STAGES:
+        for block in getattr(resnet, stage):
+            pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(block, f"conv{i}")]
+            if block.downsample is not None:
+                pairs.append((block.downsample, "0", "1"))
+    for parent, conv_name, bn_name in pairs:
+        conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+        if type(bn) is not FrozenBatchNorm2d or type(conv) is not nn.Conv2d or conv.bias is not None:
+            continue
+        bn.__class__ = FoldedFrozenBatchNorm2d  # same state, new forward
+        conv.__class__ = FrozenBNConv2d
+        object.__setattr__(conv, "frozen_bn", bn)  # a plain attribute, not a submodule: keys unchanged
+
+
 def build_resnet(name: str, weights: str, dilation: bool, norm: str = "frozen") -> nn.Module:
     """A torchvision ResNet with the requested weights ('imagenet', 'none', path) and normalisation.
 
@@ -103,13 +149,21 @@ class Backbone(nn.Module):
         for name, parameter in resnet.named_parameters():
             trainable = train_backbone and (train_stem or any(s in name for s in ("layer2", "layer3", "layer4")))
             parameter.requires_grad_(trainable)
+        fold_frozen_batchnorm(resnet)
         self.body = IntermediateLayerGetter(resnet, return_layers={s: str(i) for i, s in enumerate(return_stages)})
         final_channels = resnet.fc.in_features
         self.num_channels = [final_channels // 2 ** (len(STAGES) - 1 - STAGES.index(s)) for s in return_stages]
         self.strides = [STAGE_STRIDES[s] // (2 if dilation and s == "layer4" else 1) for s in return_stages]
 
+    # CPU input goes channels-last (NHWC): oneDNN's float32 / bfloat16 convolutions are faster so
+    # (docs/benchmarks.md).
+    channels_last = True
+
     def forward(self, samples: NestedTensor) -> list[NestedTensor]:
-        features = self.body(samples.tensors)
+        images = samples.tensors
+        if self.channels_last and images.device.type == "cpu":
+            images = images.contiguous(memory_format=torch.channels_last)
+        features = self.body(images)
         out = []
         for feature in features.values():
             mask = F.interpolate(samples.mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
