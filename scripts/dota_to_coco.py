@@ -27,7 +27,7 @@ from typing import NamedTuple
 from PIL import Image
 from tqdm import tqdm
 
-from detr_ssl.data.convert import Problem
+from detr_ssl.data.convert import Problem, orphan_labels
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 HEADER_PREFIXES = ("imagesource:", "gsd:")
@@ -156,7 +156,7 @@ def convert(images_dir: Path, labels_dir: Path, classes: list[str],
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": classes.index(obj.category) + 1,
                 "bbox": bbox, "area": round(bbox[2] * bbox[3], 4), "iscrowd": 0, "difficult": obj.difficult,
             })
-    problems += _orphan_labels(images_dir, labels_dir, images)
+    problems += orphan_labels(images_dir, labels_dir, images)
     counts.update(images=len(images), objects=len(annotations))
     coco = {
         "info": {"description": "converted from DOTA labelTxt by scripts/dota_to_coco.py"},
@@ -166,15 +166,6 @@ def convert(images_dir: Path, labels_dir: Path, classes: list[str],
         "categories": [{"id": index + 1, "name": name} for index, name in enumerate(classes)],
     }
     return coco, problems, counts
-
-
-def _orphan_labels(images_dir: Path, labels_dir: Path, images: list[dict]) -> list[Problem]:
-    stems = {Path(image["file_name"]).with_suffix("").as_posix() for image in images}
-    return [
-        Problem(labels_dir / p, None, f"label file without an image in {images_dir}", fatal=False)
-        for p in sorted(q.relative_to(labels_dir) for q in labels_dir.rglob("*.txt"))
-        if p.with_suffix("").as_posix() not in stems
-    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from detr_ssl.data.convert import Problem
+from detr_ssl.data.convert import Problem, orphan_labels
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -166,7 +166,7 @@ def convert(images_dir: Path, labels_dir: Path, names: list[str],
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": categories[cls]["id"],
                 "bbox": bbox, "area": round(bbox[2] * bbox[3], 4), "iscrowd": 0,
             })
-    problems += _orphan_labels(images_dir, labels_dir, images)
+    problems += orphan_labels(images_dir, labels_dir, images)
     coco = {
         "info": {"description": "converted from YOLO labels by scripts/yolo_to_coco.py"},
         "licenses": [],
@@ -175,15 +175,6 @@ def convert(images_dir: Path, labels_dir: Path, names: list[str],
         "categories": sorted(categories, key=lambda c: c["id"]),
     }
     return coco, problems
-
-
-def _orphan_labels(images_dir: Path, labels_dir: Path, images: list[dict]) -> list[Problem]:
-    stems = {Path(image["file_name"]).with_suffix("").as_posix() for image in images}
-    return [
-        Problem(labels_dir / p, None, f"label file without an image in {images_dir}", fatal=False)
-        for p in sorted(q.relative_to(labels_dir) for q in labels_dir.rglob("*.txt"))
-        if p.with_suffix("").as_posix() not in stems
-    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,3 +17,14 @@ class Problem:
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line is not None else str(self.file)
         return f"{'error' if self.fatal else 'warning'}: {where}: {self.message}"
+
+
+def orphan_labels(images_dir: Path, labels_dir: Path, images: list[dict]) -> list[Problem]:
+    """Warnings for label files under ``labels_dir`` whose image is not among ``images`` (COCO image
+    records with paths relative to ``images_dir``): labels that would silently go unused."""
+    stems = {Path(image["file_name"]).with_suffix("").as_posix() for image in images}
+    return [
+        Problem(labels_dir / p, None, f"label file without an image in {images_dir}", fatal=False)
+        for p in sorted(q.relative_to(labels_dir) for q in labels_dir.rglob("*.txt"))
+        if p.with_suffix("").as_posix() not in stems
+    ]
