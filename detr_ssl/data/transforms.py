@@ -19,9 +19,8 @@ from torchvision.ops import box_area
 from torchvision.transforms import v2
 
 from detr_ssl.utils.box_ops import normalize_boxes
+from detr_ssl.utils.image import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Official DETR sizes for a shorter side of 800 px.
 OFFICIAL_MIN_SIZE = 800

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detr_ssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detr_ssl.ssl.patches import patchify, token_to_pixel_mask, unpatchify
+from detr_ssl.utils.image import denormalize
 
 if TYPE_CHECKING:
     from detr_ssl.ssl.tokenizer import Tokenizer
@@ -122,11 +122,7 @@ class PretextTask(nn.Module, abc.ABC):
             unpatchify(self.prediction_patches(prediction[:n].float(), targets, corrupted_patches), self.patch_size),
             unpatchify(self.target_patches(targets, corrupted_patches), self.patch_size),
         ]
-        grid = torch.cat(rows)
-        mean = grid.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = grid.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        grid = (grid * std + mean).clamp(0, 1)
-        return grid * valid[:n].repeat(4, 1, 1)[:, None]
+        return denormalize(torch.cat(rows)) * valid[:n].repeat(4, 1, 1)[:, None]
 
 
 class ContinuousTask(PretextTask):

@@ -6,7 +6,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from detr_ssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detr_ssl.utils.image import IMAGENET_MEAN, IMAGENET_STD
 from detr_ssl.ssl.base import ContinuousTask, PretextTask, SSLTargets, paste, token_cross_entropy
 from detr_ssl.ssl.patches import patchify, pixel_mask, select_tokens, selection_counts, token_masks, token_to_pixel_mask
 from detr_ssl.ssl.tokenizer import Tokenizer

@@ -19,7 +19,7 @@ from torchvision.ops import box_convert, roi_align
 from torchvision.transforms import v2
 from torchvision.utils import draw_bounding_boxes
 
-from detr_ssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detr_ssl.utils.image import denormalize, normalize
 
 PATCH_SIZE = 128  # crops are resized to this square, as the official query transform
 MIN_PIXEL = 8  # smallest crop side and margin, in pixels of the valid image (official min_pixel)
@@ -72,11 +72,8 @@ def crop_patches(images: Tensor, boxes: Tensor, size: int = PATCH_SIZE) -> Tenso
 
 def augment_patches(patches: Tensor) -> Tensor:
     """Each normalised crop colour-jittered, greyed and blurred with its own random draw."""
-    mean = patches.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = patches.new_tensor(IMAGENET_STD).view(3, 1, 1)
-    pixels = (patches.float() * std.float() + mean.float()).clamp(0, 1)
-    augmented = torch.stack([_QUERY_AUGMENT(patch) for patch in pixels])
-    return ((augmented - mean.float()) / std.float()).to(patches.dtype)
+    augmented = torch.stack([_QUERY_AUGMENT(patch) for patch in denormalize(patches)])
+    return normalize(augmented).to(patches.dtype)
 
 
 def crop_targets(boxes: Tensor, sizes: Tensor) -> list[dict[str, Tensor]]:
@@ -99,9 +96,7 @@ def group_attention_mask(num_queries: int, num_groups: int, device: torch.device
 
 
 def _to_uint8(images: Tensor) -> Tensor:
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return ((images * std + mean).clamp(0, 1) * 255).to(torch.uint8)
+    return (denormalize(images) * 255).to(torch.uint8)
 
 
 @torch.no_grad()
