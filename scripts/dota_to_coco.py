@@ -27,7 +27,7 @@ from typing import NamedTuple
 from PIL import Image
 from tqdm import tqdm
 
-from detr_ssl.data.convert import Problem, orphan_labels
+from detr_ssl.data.convert import Problem, orphan_labels, report_problems
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 HEADER_PREFIXES = ("imagesource:", "gsd:")
@@ -195,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         coco, problems, counts = convert(args.images, args.labels, load_classes(args.classes), args.skip_difficult)
     except (OSError, ValueError) as err:
         parser.error(str(err))
-    fatal = [p for p in problems if p.fatal]
-    for problem in problems if args.check else fatal:
-        print(problem, file=sys.stderr)
+    fatal = report_problems(problems, list_all=args.check)
     if not fatal:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(coco) + "\n")

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from detr_ssl.data.convert import Problem, orphan_labels
+from detr_ssl.data.convert import Problem, orphan_labels, report_problems
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -201,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         coco, problems = convert(args.images, args.labels, load_names(args.names), args.category_ids)
     except (OSError, ValueError) as err:
         parser.error(str(err))
-    fatal = [p for p in problems if p.fatal]
-    for problem in problems if args.check else fatal:
-        print(problem, file=sys.stderr)
+    fatal = report_problems(problems, list_all=args.check)
     if fatal:
         print(f"{len(fatal)} error(s); {args.out} not written", file=sys.stderr)
         return 1

@@ -1,6 +1,7 @@
 """Shared pieces of the label converters in ``scripts/`` (YOLO, DOTA -> COCO json)."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,3 +29,12 @@ def orphan_labels(images_dir: Path, labels_dir: Path, images: list[dict]) -> lis
         for p in sorted(q.relative_to(labels_dir) for q in labels_dir.rglob("*.txt"))
         if p.with_suffix("").as_posix() not in stems
     ]
+
+
+def report_problems(problems: list[Problem], list_all: bool) -> list[Problem]:
+    """Print the fatal problems (every one with ``list_all``, i.e. ``--check``) to stderr, one per
+    line; returns the fatal ones, which stop the conversion."""
+    fatal = [p for p in problems if p.fatal]
+    for problem in problems if list_all else fatal:
+        print(problem, file=sys.stderr)
+    return fatal
