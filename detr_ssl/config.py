@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="lambda over training: constant, or decaying to 0 by the last epoch (linear, cosine)")
     add("--ssl_levels", action="store_true",
         help="Deformable DETR: every encoder level also predicts the pixels of its own patches (the paper used the finest only)")
+    add("--ssl_backbone_grad", action=bool_flag, default=True,
+        help="the SSL loss trains the backbone too (the paper); --no-ssl_backbone_grad runs the corrupted images' "
+             "backbone pass without gradients, so the task trains encoder and head only: a multi-task DETR step then "
+             "costs about 1.4x the plain one instead of 1.8x on a CPU (docs/benchmarks.md)")
     add("--tokenizer", type=str, default=None, help="visual-token file for mim_discrete (scripts/fit_tokenizer.py)")
     add("--pretrain", type=str, default="", metavar="CKPT",
         help="start detection from a pre-training checkpoint: backbone, input projection and encoder load (from a "
@@ -338,6 +342,12 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error(f"--query_patch_loss_coef must be >= 0, got {args.query_patch_loss_coef}")
     elif args.feature_recon or args.query_shuffle:
         parser.error("--feature_recon and --query_shuffle are options of the query patches: add --query_patches")
+    if not args.ssl_backbone_grad:
+        if args.ssl_task == "none":
+            parser.error("--no-ssl_backbone_grad needs an --ssl_task (it keeps that task's loss out of the backbone)")
+        if args.ssl_task == "reconstruction" and (args.ssl_mode == "multitask" or args.query_patches):
+            parser.error("--no-ssl_backbone_grad cannot apply to reconstruction next to detection or query patches: the "
+                         "task reads the encoder tokens of the same clean pass, whose backbone they train; drop the flag")
     if args.ssl_task == "mim_discrete" and not args.tokenizer:
         parser.error("--ssl_task mim_discrete needs --tokenizer FILE (fit one with scripts/fit_tokenizer.py)")
     if args.ssl_levels and (args.ssl_task == "none" or args.model != "deformable_detr" or args.num_feature_levels < 2):

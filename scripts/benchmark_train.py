@@ -5,10 +5,13 @@
     python scripts/benchmark_train.py --model deformable_detr --msda_backend pytorch   # any main.py flag passes through
     python scripts/benchmark_train.py --model detr --amp        # bfloat16 autocast on a CPU
     python scripts/benchmark_train.py --model detr --ssl_task mim_continuous   # multi-task SSL step
+    python scripts/benchmark_train.py --model detr --ssl_task mim_continuous --overhead   # ... / plain step
     python scripts/benchmark_train.py --model detr --profile    # also print torch.profiler's top ops
 
 Inputs are real sample photos resized to SIZE x SIZE with their real boxes, so the matcher and
-losses do real work. Timing excludes data loading.
+losses do real work. Timing excludes data loading. ``--overhead`` also builds the same detector
+without the self-supervised flags and times its step alternately with the measured one, in the
+same process, so that the ratio holds even when the machine's speed drifts.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,6 +49,39 @@ def sample_batch(args: argparse.Namespace, batch_size: int, size: int, device: t
     return samples.to(device), targets
 
 
+def training_step(args: argparse.Namespace, device: torch.device, samples, targets) -> Callable[[], None]:
+    """One optimizer step of the detector that ``args`` describes (seeded), as a function."""
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(args)
+    model.to(device).train()
+    criterion.to(device)
+    optimizer = build_optimizer(model, args)
+
+    def step() -> None:
+        with autocast(args, device):
+            outputs = to_float32(model(samples))
+        loss = weighted_loss(criterion(outputs, targets), criterion.weight_dict)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
+        optimizer.step()
+
+    return step
+
+
+def without_self_supervision(args: argparse.Namespace) -> argparse.Namespace:
+    """The same detector and precision with no pretext task and no query patches: the plain step."""
+    return argparse.Namespace(**{**vars(args), "ssl_task": "none", "ssl_mode": "multitask", "query_patches": False,
+                                 "ssl_backbone_grad": True, "ssl_levels": False})
+
+
+def timed(step: Callable[[], None], synchronize: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    step()
+    synchronize()
+    return time.perf_counter() - start
+
+
 def profile_table(step, synchronize, device: torch.device, steps: int = 2, rows: int = 25) -> str:
     """torch.profiler's op table over ``steps`` steps, by self CPU time, with each op's share of the total."""
     from torch.profiler import ProfilerActivity, profile
@@ -68,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     bench.add_argument("--profile", action="store_true",
                        help="after timing, profile 2 more steps and print the ops by self CPU time to stderr")
+    bench.add_argument("--overhead", action="store_true",
+                       help="also time the step without --ssl_task/--query_patches, alternating, and print the ratio")
     opts, extra = bench.parse_known_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -75,21 +114,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(["--model", opts.model, "--backbone_weights", "none", "--data_path", str(REPO / "data" / "sample"),
                        "--no-augment", "--device", opts.device, *extra])
-    torch.manual_seed(0)
-    model, criterion, _ = build_model(args)
-    model.to(device).train()
-    criterion.to(device)
-    optimizer = build_optimizer(model, args)
     samples, targets = sample_batch(args, opts.batch_size, opts.size, device)
-
-    def step() -> None:
-        with autocast(args, device):
-            outputs = to_float32(model(samples))
-        loss = weighted_loss(criterion(outputs, targets), criterion.weight_dict)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
-        optimizer.step()
+    step = training_step(args, device, samples, targets)
+    plain_step = training_step(without_self_supervision(args), device, samples, targets) if opts.overhead else None
 
     def synchronize() -> None:
         if device.type == "cuda":
@@ -97,15 +124,16 @@ def main(argv: list[str] | None = None) -> None:
 
     for _ in range(opts.warmup):
         step()
+        if plain_step:
+            plain_step()
     synchronize()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, plain_times = [], []
     for _ in range(opts.iters):
-        start = time.perf_counter()
-        step()
-        synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(timed(step, synchronize))
+        if plain_step:
+            plain_times.append(timed(plain_step, synchronize))
     seconds = statistics.median(times)
     if opts.profile:
         print(profile_table(step, synchronize, device), file=sys.stderr)
@@ -113,9 +141,12 @@ def main(argv: list[str] | None = None) -> None:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     print(json.dumps({
         "benchmark": "train_step", "model": opts.model, "batch_size": opts.batch_size, "size": opts.size,
-        "queries": args.num_queries, "ssl_task": args.ssl_task, "ssl_mode": args.ssl_mode, "precision": str(amp_dtype(args, device) or torch.float32).replace("torch.", ""), "device": str(device),
+        "queries": args.num_queries, "ssl_task": args.ssl_task, "ssl_mode": args.ssl_mode,
+        "ssl_backbone_grad": args.ssl_backbone_grad, "query_patches": args.query_patches, "precision": str(amp_dtype(args, device) or torch.float32).replace("torch.", ""), "device": str(device),
         "s_per_it": round(seconds, 4), "s_per_it_min": round(min(times), 4), "imgs_per_s": round(opts.batch_size / seconds, 3),
         "peak_memory_mb": round(peak / 2**20, 1), "iters": opts.iters,
+        **({"plain_s_per_it": round(statistics.median(plain_times), 4),
+            "overhead": round(seconds / statistics.median(plain_times), 3)} if plain_step else {}),
         "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "platform": platform.platform(),
                     "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
         "torch": torch.__version__,

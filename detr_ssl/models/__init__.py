@@ -50,7 +50,8 @@ def build_model(args) -> tuple[nn.Module, SetCriterion, dict[str, nn.Module]]:
     if args.query_patches and args.ssl_mode == "pretrain":
         num_classes = PATCH_NUM_CLASSES
     matcher, weight_dict = build_matcher(args), detection_weight_dict(args)
-    ssl = {"ssl_mode": args.ssl_mode, "query_patches": query_patch_options(args)}
+    ssl = {"ssl_mode": args.ssl_mode, "query_patches": query_patch_options(args),
+           "ssl_backbone_grad": args.ssl_backbone_grad}
     if args.model == "detr":
         backbone = build_backbone(args, build_position_encoding(args))
         ssl["ssl_head"] = build_pretext_task(args.ssl_task, args.hidden_dim, backbone.strides[-1], args.ssl_ratio,

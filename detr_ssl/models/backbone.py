@@ -179,8 +179,11 @@ class Joiner(nn.Sequential):
         self.num_channels = backbone.num_channels
         self.strides = backbone.strides
 
-    def forward(self, samples: NestedTensor) -> tuple[list[NestedTensor], list[Tensor]]:
-        features = self[0](samples)
+    def forward(self, samples: NestedTensor, grad: bool = True) -> tuple[list[NestedTensor], list[Tensor]]:
+        """Each returned stage's features and position embedding; ``grad=False`` computes the
+        features without gradients (nothing behind them trains or stores activations)."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            features = self[0](samples)
         positions = [self[1](f).to(f.tensors.dtype) for f in features]
         return features, positions
 

@@ -61,7 +61,7 @@ class DeformableDETR(SelfSupervisedMixin, nn.Module):
     def __init__(self, backbone: nn.Module, transformer: DeformableTransformer, num_classes: int, num_queries: int,
                  num_feature_levels: int, aux_loss: bool = True, with_box_refine: bool = False,
                  two_stage: bool = False, ssl_head: nn.Module | None = None, ssl_mode: str = "multitask",
-                 query_patches: QueryPatchOptions | None = None):
+                 query_patches: QueryPatchOptions | None = None, ssl_backbone_grad: bool = True):
         super().__init__()
         if two_stage and not with_box_refine:
             raise ValueError("two-stage Deformable DETR needs box refinement (--with_box_refine), as the official one")
@@ -97,13 +97,13 @@ class DeformableDETR(SelfSupervisedMixin, nn.Module):
         self.input_proj = input_projections(backbone.num_channels, hidden_dim, num_feature_levels)
         self.level_strides = level_strides(backbone.strides, num_feature_levels)
         self.backbone = backbone
-        self.ssl_head = ssl_head
-        self.ssl_mode = ssl_mode
+        self._init_ssl(ssl_head, ssl_mode, ssl_backbone_grad)
         self._init_query_patches(query_patches, backbone.num_channels[-1], hidden_dim)
 
-    def multiscale_features(self, samples: NestedTensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    def multiscale_features(self, samples: NestedTensor,
+                            backbone_grad: bool = True) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Projected features, padding masks and positions of every level, extra levels included."""
-        features, positions = self.backbone(samples)
+        features, positions = self.backbone(samples, grad=backbone_grad)
         srcs = [projection(feature.tensors) for projection, feature in zip(self.input_proj, features)]
         masks = [feature.mask for feature in features]
         positions = list(positions)
@@ -116,16 +116,17 @@ class DeformableDETR(SelfSupervisedMixin, nn.Module):
             positions.append(self.backbone[1](NestedTensor(src, mask)).to(src.dtype))
         return srcs, masks, positions
 
-    def encode(self, samples: NestedTensor) -> tuple[Tensor, dict]:
+    def encode(self, samples: NestedTensor, backbone_grad: bool = True) -> tuple[Tensor, dict]:
         """Backbone + encoder: (B, S, C) memory over all levels and its flat layout (shapes, masks...)."""
-        return self.transformer.encode(*self.multiscale_features(samples))
+        return self.transformer.encode(*self.multiscale_features(samples, backbone_grad))
 
-    def run(self, samples: NestedTensor, decode: bool = True,
-            patch_queries: PatchQueries | None = None) -> tuple[dict, list[tuple[Tensor, Tensor]]]:
+    def run(self, samples: NestedTensor, decode: bool = True, patch_queries: PatchQueries | None = None,
+            backbone_grad: bool = True) -> tuple[dict, list[tuple[Tensor, Tensor]]]:
         """Encode, and decode if asked: the official output dict (empty without decoding; with
         ``patch_queries`` also ``patch_outputs``) and each level's encoder tokens and positions
-        (level embedding included) as (B, h, w, C) maps, finest first."""
-        memory, flat = self.encode(samples)
+        (level embedding included) as (B, h, w, C) maps, finest first. ``backbone_grad=False`` runs the
+        backbone without gradients."""
+        memory, flat = self.encode(samples, backbone_grad)
         levels = []
         for (height, width), start in zip(flat["spatial_shapes"].tolist(), flat["level_start_index"].tolist()):
             tokens = slice(start, start + height * width)

@@ -22,7 +22,7 @@ class DETR(SelfSupervisedMixin, nn.Module):
 
     def __init__(self, backbone: nn.Module, transformer: Transformer, num_classes: int, num_queries: int,
                  aux_loss: bool = False, ssl_head: nn.Module | None = None, ssl_mode: str = "multitask",
-                 query_patches: QueryPatchOptions | None = None):
+                 query_patches: QueryPatchOptions | None = None, ssl_backbone_grad: bool = True):
         super().__init__()
         hidden_dim = transformer.d_model
         self.num_queries = num_queries
@@ -33,22 +33,22 @@ class DETR(SelfSupervisedMixin, nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels[-1], hidden_dim, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
-        self.ssl_head = ssl_head
-        self.ssl_mode = ssl_mode
+        self._init_ssl(ssl_head, ssl_mode, ssl_backbone_grad)
         self._init_query_patches(query_patches, backbone.num_channels[-1], hidden_dim)
 
-    def encode(self, samples: NestedTensor) -> tuple[Tensor, Tensor, Tensor]:
+    def encode(self, samples: NestedTensor, backbone_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
         """Backbone + encoder: (B, HW, C) memory with its (B, H, W) padding mask and (B, C, H, W) positions."""
-        features, pos = self.backbone(samples)
+        features, pos = self.backbone(samples, grad=backbone_grad)
         src, mask = features[-1].decompose()
         return self.transformer.encode(self.input_proj(src), mask, pos[-1]), mask, pos[-1]
 
-    def run(self, samples: NestedTensor, decode: bool = True,
-            patch_queries: PatchQueries | None = None) -> tuple[dict, list[tuple[Tensor, Tensor]]]:
+    def run(self, samples: NestedTensor, decode: bool = True, patch_queries: PatchQueries | None = None,
+            backbone_grad: bool = True) -> tuple[dict, list[tuple[Tensor, Tensor]]]:
         """Encode, and decode if asked: the official output dict (empty without decoding; with
         ``patch_queries`` also ``patch_outputs``) and the encoder tokens and positions as
-        (B, h, w, C) maps (one level)."""
-        memory, mask, pos = self.encode(samples)
+        (B, h, w, C) maps (one level). ``backbone_grad=False`` runs the backbone without
+        gradients."""
+        memory, mask, pos = self.encode(samples, backbone_grad)
         outputs = {}
         if decode:
             hs = self.transformer.decode(memory, mask, pos, self.query_embed.weight)

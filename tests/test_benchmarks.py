@@ -1,0 +1,56 @@
+"""The benchmark scripts run and print the JSON docs/benchmarks.md quotes (tiny sizes: no timing is
+asserted, only that each figure is there and consistent)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import load_script
+
+benchmark_train = load_script("benchmark_train")
+benchmark_matcher = load_script("benchmark_matcher")
+benchmark_eval = load_script("benchmark_eval")
+
+TINY_TRAIN = ["--size", "128", "--iters", "2", "--warmup", "1", "--backbone", "resnet18", "--hidden_dim", "64",
+              "--nheads", "4", "--dim_feedforward", "128", "--enc_layers", "1", "--dec_layers", "1"]
+
+
+def printed_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("flags", [[], ["--model", "deformable_detr", "--msda_backend", "pytorch",
+                                        "--num_feature_levels", "3"]], ids=["detr", "deformable_detr"])
+def test_benchmark_train_times_a_step(capsys, flags):
+    benchmark_train.main([*TINY_TRAIN, *flags])
+    result = printed_json(capsys)
+    assert result["s_per_it"] > 0 and result["s_per_it_min"] <= result["s_per_it"]
+    assert result["ssl_task"] == "none" and "overhead" not in result
+    assert result["machine"]["threads"] >= 1
+
+
+@pytest.mark.parametrize("flags", [["--ssl_task", "mim_continuous"],
+                                   ["--ssl_task", "jigsaw_continuous", "--no-ssl_backbone_grad"],
+                                   ["--query_patches", "--num_patches", "10"]])
+def test_benchmark_train_overhead_compares_with_the_plain_step(capsys, flags):
+    benchmark_train.main([*TINY_TRAIN, "--overhead", *flags])
+    result = printed_json(capsys)
+    assert result["overhead"] == pytest.approx(result["s_per_it"] / result["plain_s_per_it"], abs=2e-3)
+    assert result["ssl_backbone_grad"] == ("--no-ssl_backbone_grad" not in flags)
+    assert result["query_patches"] == ("--query_patches" in flags)
+
+
+def test_benchmark_matcher_checks_both_implementations_agree(capsys):
+    benchmark_matcher.main(["--iters", "2", "--warmup", "1", "--batch_size", "2"])
+    results = printed_json(capsys)["results"]
+    assert [r["queries"] for r in results] == [100, 300]
+    assert all(r["same_matches"] and r["ours_ms"] > 0 for r in results)
+
+
+def test_benchmark_eval_reports_identical_stats(capsys):
+    benchmark_eval.main(["--images", "3", "--boxes", "10", "--dets", "20", "--repeats", "1"])
+    backends = printed_json(capsys)["backends"]
+    assert backends["pycocotools"]["speedup_vs_pycocotools"] == 1.0
+    for stats in backends.values():
+        assert stats["max_abs_diff_precision"] < 1e-12 and stats["max_abs_diff_recall"] < 1e-12
