@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--annotations", type=Path, default=None,
                         help="COCO json of these images: image ids and category names from it, and COCO box AP")
     parser.add_argument("--categories", type=Path, default=None,
-                        help="COCO json whose categories name the classes (default: from --annotations, iSAID's "
-                             "for an iSAID checkpoint, else the checkpoint's training json if still there)")
+                        help="COCO json whose categories name the classes (default: from --annotations, else the "
+                             "names the checkpoint saved, else iSAID's for an iSAID checkpoint, else the checkpoint's "
+                             "training json if still there)")
     parser.add_argument("--area_ranges", type=str, default=COCO_AREA_RANGES,
                         help="object-size ranges for --annotations metrics, as in main.py (default: COCO's)")
     parser.add_argument("--no_draw", action="store_true", help="write the json files only, no PNGs")
@@ -165,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         if gt is not None and not todo:
             raise ValueError(f"--annotations {args.annotations} lists none of the {len(files)} images found")
         device = resolve_device(args.device)
-        model, postprocess, model_args = load_detector(args.resume, device, logger)
-        names = category_names(model_args, args.categories or args.annotations)
+        model, postprocess, model_args, saved_names = load_detector(args.resume, device, logger)
+        names = category_names(model_args, args.categories or args.annotations, saved_names)
     except (OSError, ValueError, RuntimeError) as err:
         logger.error("%s", err)
         return 1

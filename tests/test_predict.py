@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ISAID_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "isaid_sample" / "train"
 P0005 = ISAID_FIXTURE / "images" / "P0005.png"  # 884x977, 131 vehicles
 P0005_JSON = ISAID_FIXTURE / "instancesonly_filtered_train.json"
+SAMPLE = REPO_ROOT / "data" / "sample"
 
 
 
@@ -243,3 +245,22 @@ def test_checkpoints_without_our_args_and_pretraining_checkpoints(trained, tmp_p
     torch.save({"model": checkpoint["model"], "args": {**checkpoint["args"], "ssl_mode": "pretrain"}}, pretrained)
     with pytest.raises(ValueError, match="pre-training checkpoint .* Fine-tune it first"):
         load_detector(pretrained, "cpu", logging.getLogger("test"))
+
+
+def test_checkpoints_keep_the_category_names_for_predict_after_the_data_has_gone(tmp_path, capsys):
+    """A COCO-json run saves its categories; predict.py names the classes from them even when the
+    training annotations are no longer where the checkpoint says."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(SAMPLE, data, ignore=shutil.ignore_patterns("unlabelled"))
+    train_main([*TINY, "--data_path", str(data), "--val_split", "train", "--epochs", "1", "--limit_train_batches",
+                "1", "--limit_val_batches", "1", "--output_dir", str(run)])
+    annotations = json.loads((SAMPLE / "annotations" / "instances_train.json").read_text())
+    expected = {c["id"]: c["name"] for c in annotations["categories"]}
+    assert torch.load(run / "checkpoint.pth", weights_only=True)["categories"] == expected
+    shutil.rmtree(data)
+
+    image = next((SAMPLE / "val").glob("*.jpg"))
+    out = tmp_path / "predict"
+    assert predict.main(["--resume", str(run / "checkpoint.pth"), "--images", str(image), "--out", str(out),
+                         "--window", "0", "--device", "cpu", "--no_draw"]) == 0
+    assert {c["id"]: c["name"] for c in json.loads((out / "images.json").read_text())["categories"]} == expected

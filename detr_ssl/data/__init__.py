@@ -14,7 +14,7 @@ from detr_ssl.data.isaid import IsaidDetection
 from detr_ssl.data.transforms import build_transforms
 from detr_ssl.utils.misc import NestedTensor, nested_tensor_from_tensor_list
 
-__all__ = ["build_dataset", "collate_fn", "num_classes_of", "get_coco_api", "build_transforms", "CocoDetection",
+__all__ = ["build_dataset", "collate_fn", "num_classes_of", "category_names_of", "get_coco_api", "build_transforms", "CocoDetection",
            "IsaidDetection", "ImageFolder", "DETECTION_DATASETS"]
 
 # --dataset_file -> the class reading a COCO-json split (layout: see split_paths); 'folder' is unlabelled.
@@ -58,6 +58,12 @@ def get_coco_api(dataset: Dataset) -> COCO:
     if not isinstance(base, CocoDetection):
         raise TypeError(f"expected a COCO-json dataset, got {type(base).__name__}")
     return base.coco
+
+
+def category_names_of(dataset: Dataset) -> dict[int, str]:
+    """The annotations' category names by id (what a checkpoint keeps so that its classes have names
+    after the data has gone)."""
+    return {int(cat_id): str(cat["name"]) for cat_id, cat in sorted(get_coco_api(dataset).cats.items())}
 
 
 def num_classes_of(dataset: Dataset) -> int:

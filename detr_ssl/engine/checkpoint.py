@@ -1,6 +1,7 @@
 """Checkpoints in the official DETR format: saved atomically, loaded without running code.
 
-A checkpoint is ``{'model', 'optimizer', 'lr_scheduler', 'epoch', 'args', 'rng_state', ...}``.
+A checkpoint is ``{'model', 'optimizer', 'lr_scheduler', 'epoch', 'args', 'rng_state', ...}``;
+ours also hold ``categories`` (the annotations' category names by id, empty for unlabelled data).
 Everything in it is tensors and plain Python values, so ``torch.load(weights_only=True)``
 reads it; official DETR checkpoints also hold an ``argparse.Namespace``, the one class we allow.
 """

@@ -80,9 +80,10 @@ def _weights_come_later() -> Iterator[None]:
 
 
 def load_detector(path: str | Path, device: str, logger: logging.Logger) -> tuple[nn.Module, nn.Module,
-                                                                                  argparse.Namespace]:
-    """(model in eval mode on ``device``, its box post-processor, its configuration) from a
-    checkpoint file; the weights must match the model exactly (``ssl_head.*`` aside)."""
+                                                                                  argparse.Namespace, dict[int, str]]:
+    """(model in eval mode on ``device``, its box post-processor, its configuration, the category
+    names it saved (empty for checkpoints without them)) from a checkpoint file; the weights must
+    match the model exactly (``ssl_head.*`` aside)."""
     checkpoint = load_checkpoint(path)
     if "model" not in checkpoint:
         raise ValueError(f"{path}: not a detr_ssl/DETR checkpoint (no 'model' entry; keys: {sorted(checkpoint)})")
@@ -98,13 +99,17 @@ def load_detector(path: str | Path, device: str, logger: logging.Logger) -> tupl
     except CheckpointMismatchError as err:
         raise CheckpointMismatchError(f"{path}: {err}; the configuration saved in it (args) does not build the "
                                       "model its weights come from") from err
-    return model.to(device).eval(), postprocessors["bbox"], args
+    saved_names = {int(k): str(v) for k, v in (checkpoint.get("categories") or {}).items()}
+    return model.to(device).eval(), postprocessors["bbox"], args, saved_names
 
 
-def category_names(args: argparse.Namespace, coco_json: str | Path | None = None) -> dict[int, str]:
-    """Names of the class indices: from ``coco_json``'s categories if given, else iSAID's for an
-    iSAID checkpoint, else the training annotations the checkpoint names, if they are still there;
-    empty when none of these is known."""
+def category_names(args: argparse.Namespace, coco_json: str | Path | None = None,
+                   saved: dict[int, str] | None = None) -> dict[int, str]:
+    """Names of the class indices: from ``coco_json``'s categories if given, else those the
+    checkpoint ``saved``, else iSAID's for an iSAID checkpoint, else the training annotations the
+    checkpoint names, if they are still there; empty when none of these is known."""
+    if coco_json is None and saved:
+        return dict(saved)
     if coco_json is None and args.dataset_file == "isaid":
         return dict(ISAID_CATEGORIES)
     if coco_json is None and args.data_path and args.dataset_file != "folder":

@@ -15,7 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import save_config
-from ..data import ImageFolder, build_dataset, collate_fn, get_coco_api, num_classes_of
+from ..data import ImageFolder, build_dataset, category_names_of, collate_fn, get_coco_api, num_classes_of
 from ..data.loader import build_loader, set_epoch
 from ..models import COCO_NUM_CLASSES, build_model
 from ..models.criterion import query_patch_weight_dict
@@ -112,7 +112,10 @@ def run(args: argparse.Namespace) -> dict:
     detects = args.ssl_mode != "pretrain"  # pre-training has no detection targets to evaluate
     dataset_val = build_dataset("val", args) if detects else None
     dataset_train = None if args.eval else build_dataset("train", args)
-    resolve_num_classes(args, [d for d in (dataset_train, dataset_val) if d is not None], logger)
+    datasets = [d for d in (dataset_train, dataset_val) if d is not None]
+    resolve_num_classes(args, datasets, logger)
+    labelled = [d for d in datasets if not isinstance(d, ImageFolder)]
+    categories = category_names_of(labelled[0]) if labelled else {}  # saved in every checkpoint
     if output_dir and dist.is_main_process():
         save_config(args, output_dir / "config.yaml")
 
@@ -160,7 +163,7 @@ def run(args: argparse.Namespace) -> dict:
             logger.warning("evaluating on the training split '%s': the AP measures memorisation (an overfitting "
                            "check), not generalisation", args.train_split)
         stats = train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler,
-                      loader_train, loader_val, output_dir, tb, logger, eval_kwargs, start_batch)
+                      loader_train, loader_val, output_dir, tb, logger, eval_kwargs, start_batch, categories)
         report_outputs(output_dir, args.tensorboard, logger)
         return stats
     finally:
@@ -170,10 +173,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler, loader_train,
           loader_val, output_dir: Path | None, tb: TensorBoardLogger, logger: logging.Logger, eval_kwargs: dict,
-          start_batch: int = 0) -> dict:
+          start_batch: int = 0, categories: dict[int, str] | None = None) -> dict:
     """The epoch loop: train, step the schedule, checkpoint, evaluate, log.
 
-    The first epoch starts at ``start_batch`` (a resumed mid-epoch stop). SIGTERM, SIGINT or
+    The first epoch starts at ``start_batch`` (a resumed mid-epoch stop); every checkpoint keeps
+    the ``categories`` names. SIGTERM, SIGINT or
     ``--max_bad_steps`` non-finite losses in a row stop the loop between optimizer steps, and the
     state reached is checkpointed. Then SIGTERM returns (a clean exit), SIGINT raises
     ``KeyboardInterrupt`` and non-finite losses raise ``TooManyBadSteps``.
@@ -200,7 +204,7 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
                 lr_scheduler.step()
                 if output_dir:
                     state = build_checkpoint_state(model_without_ddp, optimizer, lr_scheduler, epoch,  # collective
-                                                   args, scaler=scaler.state_dict())
+                                                   args, scaler=scaler.state_dict(), categories=categories or {})
                     if dist.is_main_process():
                         save_epoch_checkpoint(output_dir, state, args.keep_last)
                 evaluated = loader_val is not None and ((epoch + 1) % args.eval_every == 0
@@ -210,7 +214,7 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
                 log_epoch(epoch, train_stats, stats if evaluated else {}, time.time() - started, output_dir, logger)
         except StopTraining as stopped:
             save_stopped_checkpoint(stopped, model_without_ddp, optimizer, lr_scheduler, scaler, args, output_dir,
-                                    logger)
+                                    logger, categories=categories or {})
             if isinstance(stopped, TooManyBadSteps):
                 logger.error("%s", stopped)
                 raise
@@ -221,19 +225,19 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
 
 def save_stopped_checkpoint(stopped: StopTraining, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                             lr_scheduler, scaler: torch.amp.GradScaler, args: argparse.Namespace,
-                            output_dir: Path | None, logger: logging.Logger) -> None:
+                            output_dir: Path | None, logger: logging.Logger, **extra) -> None:
     """Checkpoint the state of a stopped run as OUTPUT_DIR/checkpoint.pth (collective).
 
     ``epoch`` is the last completed epoch, as in every checkpoint, and ``interrupted_at`` holds
     how many batches of the next one the state includes: ``--resume`` continues at that batch.
-    The numbered per-epoch checkpoints are left alone.
+    The numbered per-epoch checkpoints are left alone; ``extra`` entries are saved as they are.
     """
     if not output_dir:
         logger.warning("%s; nothing saved (no --output_dir)", stopped)
         return
     interrupted_at = {"epoch": stopped.epoch, "batches": stopped.batches, "reason": stopped.reason}
     state = build_checkpoint_state(model, optimizer, lr_scheduler, stopped.epoch - 1, args,
-                                   scaler=scaler.state_dict(), interrupted_at=interrupted_at)
+                                   scaler=scaler.state_dict(), interrupted_at=interrupted_at, **extra)
     path = output_dir / LATEST
     logger.info("%s; saving %s", stopped, path)
     if dist.is_main_process():
