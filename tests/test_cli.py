@@ -52,6 +52,17 @@ def test_two_iteration_run_writes_checkpoint_config_tensorboard_and_results(tmp_
     assert reparsed.model == (model_flags[1] if model_flags else "detr")
 
 
+def test_eval_of_a_checkpoint_repeats_the_runs_last_evaluation_under_its_epoch(tmp_path):
+    flags = ["--limit_val_batches", "2", "--no-tensorboard"]
+    run_cli(tmp_path / "train", "--epochs", "2", "--limit_train_batches", "1", *flags)
+    run_cli(tmp_path / "eval", "--eval", "--resume", str(tmp_path / "train" / "checkpoint.pth"), *flags)
+
+    assert [p.name for p in (tmp_path / "eval").glob("results_*.json")] == ["results_0001.json"]
+    evaluated = json.loads((tmp_path / "eval" / "results_0001.json").read_text())
+    assert evaluated and evaluated == json.loads((tmp_path / "train" / "results_0001.json").read_text())
+    assert "epoch 1 val" in (tmp_path / "eval" / "log.txt").read_text()
+
+
 @pytest.mark.parametrize("model_flags", [[], DEFORMABLE, ["--ssl_task", "mim_continuous"]],
                          ids=["detr", "deformable_detr", "detr_mim"])
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, model_flags):

@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> dict:
         checkpoint = load_checkpoint(args.resume)
         if args.eval:
             load_model_state(model_without_ddp, checkpoint["model"], logger)
+            args.start_epoch = checkpoint.get("epoch", args.start_epoch)  # results are labelled with its epoch
         else:
             start = resume_training(checkpoint, model_without_ddp, optimizer, lr_scheduler, logger)
             args.start_epoch = args.start_epoch if start is None else start
