@@ -8,6 +8,7 @@ import random
 import signal
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,34 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+
+
+@dataclass
+class TrainingRun:
+    """What a run built for training: the epoch loop and the checkpoints read it from here.
+
+    ``model`` is what steps run (DistributedDataParallel-wrapped when distributed), ``module``
+    the bare detector whose state is saved; ``categories`` (the annotations' names by id) go
+    into every checkpoint.
+    """
+
+    args: argparse.Namespace
+    model: torch.nn.Module
+    module: torch.nn.Module
+    criterion: torch.nn.Module
+    postprocessors: dict[str, torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    output_dir: Path | None
+    tb: TensorBoardLogger
+    logger: logging.Logger
+    categories: dict[int, str] = field(default_factory=dict)
+
+    def checkpoint_state(self, epoch: int, **extra) -> dict:
+        """The checkpoint after ``epoch`` (a collective call: every process runs it)."""
+        return build_checkpoint_state(self.module, self.optimizer, self.lr_scheduler, epoch, self.args,
+                                      scaler=self.scaler.state_dict(), categories=self.categories, **extra)
 
 
 def resolve_num_classes(args: argparse.Namespace, datasets: list, logger: logging.Logger) -> None:
@@ -163,8 +192,9 @@ def run(args: argparse.Namespace) -> dict:
         if detects and args.val_split == args.train_split and args.dataset_file != "folder":
             logger.warning("evaluating on the training split '%s': the AP measures memorisation (an overfitting "
                            "check), not generalisation", args.train_split)
-        stats = train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler,
-                      loader_train, loader_val, output_dir, tb, logger, eval_kwargs, start_batch, categories)
+        training = TrainingRun(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
+                               scaler, output_dir, tb, logger, categories)
+        stats = train(training, loader_train, loader_val, eval_kwargs, start_batch)
         report_outputs(output_dir, args.tensorboard, logger)
         return stats
     finally:
@@ -172,17 +202,15 @@ def run(args: argparse.Namespace) -> dict:
         dist.cleanup()
 
 
-def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler, scaler, loader_train,
-          loader_val, output_dir: Path | None, tb: TensorBoardLogger, logger: logging.Logger, eval_kwargs: dict,
-          start_batch: int = 0, categories: dict[int, str] | None = None) -> dict:
+def train(training: TrainingRun, loader_train, loader_val, eval_kwargs: dict, start_batch: int = 0) -> dict:
     """The epoch loop: train, step the schedule, checkpoint, evaluate, log.
 
-    The first epoch starts at ``start_batch`` (a resumed mid-epoch stop); every checkpoint keeps
-    the ``categories`` names. SIGTERM, SIGINT or
+    The first epoch starts at ``start_batch`` (a resumed mid-epoch stop). SIGTERM, SIGINT or
     ``--max_bad_steps`` non-finite losses in a row stop the loop between optimizer steps, and the
     state reached is checkpointed. Then SIGTERM returns (a clean exit), SIGINT raises
     ``KeyboardInterrupt`` and non-finite losses raise ``TooManyBadSteps``.
     """
+    args, logger, output_dir = training.args, training.logger, training.output_dir
     stats: dict = {}
     if args.start_epoch >= args.epochs:
         logger.warning("start epoch %d >= --epochs %d: nothing to train", args.start_epoch, args.epochs)
@@ -199,23 +227,23 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
                     raise Interrupted(signum, epoch, first_batch)
                 started = time.time()
                 set_epoch(loader_train, epoch, args.seed, first_batch)
-                apply_ssl_schedules(model_without_ddp, criterion, args, epoch, logger)
-                train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, args, tb,
-                                              logger, scaler, first_batch, stop, bad_steps)
-                lr_scheduler.step()
+                apply_ssl_schedules(training.module, training.criterion, args, epoch, logger)
+                train_stats = train_one_epoch(training.model, training.criterion, loader_train, training.optimizer,
+                                              device, epoch, args, training.tb, logger, training.scaler, first_batch,
+                                              stop, bad_steps)
+                training.lr_scheduler.step()
                 if output_dir:
-                    state = build_checkpoint_state(model_without_ddp, optimizer, lr_scheduler, epoch,  # collective
-                                                   args, scaler=scaler.state_dict(), categories=categories or {})
+                    state = training.checkpoint_state(epoch)  # collective
                     if dist.is_main_process():
                         save_epoch_checkpoint(output_dir, state, args.keep_last)
                 evaluated = loader_val is not None and ((epoch + 1) % args.eval_every == 0
                                                         or epoch == args.epochs - 1)
                 if evaluated:
-                    stats = evaluate(model, criterion, postprocessors, loader_val, epoch=epoch, **eval_kwargs)
+                    stats = evaluate(training.model, training.criterion, training.postprocessors, loader_val,
+                                     epoch=epoch, **eval_kwargs)
                 log_epoch(epoch, train_stats, stats if evaluated else {}, time.time() - started, output_dir, logger)
         except StopTraining as stopped:
-            save_stopped_checkpoint(stopped, model_without_ddp, optimizer, lr_scheduler, scaler, args, output_dir,
-                                    logger, categories=categories or {})
+            save_stopped_checkpoint(training, stopped)
             if isinstance(stopped, TooManyBadSteps):
                 logger.error("%s", stopped)
                 raise
@@ -224,21 +252,19 @@ def train(args, model, model_without_ddp, criterion, postprocessors, optimizer, 
     return stats
 
 
-def save_stopped_checkpoint(stopped: StopTraining, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                            lr_scheduler, scaler: torch.amp.GradScaler, args: argparse.Namespace,
-                            output_dir: Path | None, logger: logging.Logger, **extra) -> None:
+def save_stopped_checkpoint(training: TrainingRun, stopped: StopTraining) -> None:
     """Checkpoint the state of a stopped run as OUTPUT_DIR/checkpoint.pth (collective).
 
     ``epoch`` is the last completed epoch, as in every checkpoint, and ``interrupted_at`` holds
     how many batches of the next one the state includes: ``--resume`` continues at that batch.
-    The numbered per-epoch checkpoints are left alone; ``extra`` entries are saved as they are.
+    The numbered per-epoch checkpoints are left alone.
     """
+    output_dir, logger = training.output_dir, training.logger
     if not output_dir:
         logger.warning("%s; nothing saved (no --output_dir)", stopped)
         return
     interrupted_at = {"epoch": stopped.epoch, "batches": stopped.batches, "reason": stopped.reason}
-    state = build_checkpoint_state(model, optimizer, lr_scheduler, stopped.epoch - 1, args,
-                                   scaler=scaler.state_dict(), interrupted_at=interrupted_at, **extra)
+    state = training.checkpoint_state(stopped.epoch - 1, interrupted_at=interrupted_at)
     path = output_dir / LATEST
     logger.info("%s; saving %s", stopped, path)
     if dist.is_main_process():
