@@ -14,8 +14,8 @@ from detr_ssl.data.isaid import IsaidDetection
 from detr_ssl.data.transforms import build_transforms
 from detr_ssl.utils.misc import NestedTensor, nested_tensor_from_tensor_list
 
-__all__ = ["build_dataset", "collate_fn", "num_classes_of", "category_names_of", "get_coco_api", "build_transforms", "CocoDetection",
-           "IsaidDetection", "ImageFolder", "DETECTION_DATASETS"]
+__all__ = ["build_dataset", "collate_fn", "num_classes_of", "category_names_of", "get_coco_api", "build_transforms",
+           "CocoDetection", "IsaidDetection", "ImageFolder", "DETECTION_DATASETS"]
 
 # --dataset_file -> the class reading a COCO-json split (layout: see split_paths); 'folder' is unlabelled.
 DETECTION_DATASETS: dict[str, type[CocoDetection]] = {"coco": CocoDetection, "isaid": IsaidDetection}
