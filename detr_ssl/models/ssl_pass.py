@@ -40,8 +40,9 @@ class SelfSupervisedMixin(QueryPatchMixin):
     train it (``ssl_backbone_grad=False``). In evaluation a multi-task model only detects.
 
     The second pass is not batched with the clean one: on a CPU one call on the doubled batch
-    was 4 % faster for DETR but 20 % slower for Deformable DETR (its large stride-8 tensors),
-    and with ``--backbone_norm batch`` it would mix the two batches' statistics.
+    made the DETR step 3-5 % faster but the Deformable DETR step 10-23 % slower (its large
+    stride-8 tensors; docs/benchmarks.md), and with ``--backbone_norm batch`` it would mix the
+    two batches' statistics.
     """
 
     ssl_head: nn.Module | None
