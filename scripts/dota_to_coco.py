@@ -27,9 +27,8 @@ from typing import NamedTuple
 from PIL import Image
 from tqdm import tqdm
 
-from detr_ssl.data.convert import Problem, orphan_labels, report_problems
+from detr_ssl.data.convert import Problem, orphan_labels, relative_image_files, report_problems
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 HEADER_PREFIXES = ("imagesource:", "gsd:")
 
 # DOTA v1.0 in its standard order; category ids are 1..15 in this order.
@@ -115,18 +114,12 @@ def out_of_bounds(points: tuple[float, ...], width: int, height: int) -> bool:
     return min(xs) < 0 or min(ys) < 0 or max(xs) > width or max(ys) > height
 
 
-def find_images(images_dir: Path) -> list[Path]:
-    """Image files under ``images_dir``, relative to it, sorted."""
-    files = (p for p in images_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    return sorted(p.relative_to(images_dir) for p in files)
-
-
 def convert(images_dir: Path, labels_dir: Path, classes: list[str],
             skip_difficult: bool = False) -> tuple[dict, list[Problem], dict]:
     """Build the COCO json dict; return it with the problems found and the counts."""
     images, annotations, problems = [], [], []
     counts = {"images": 0, "label_files": 0, "objects": 0, "difficult": 0, "skipped_difficult": 0}
-    for image_id, relative in enumerate(tqdm(find_images(images_dir), desc="images", unit="image"), start=1):
+    for image_id, relative in enumerate(tqdm(relative_image_files(images_dir), desc="images", unit="image"), start=1):
         with Image.open(images_dir / relative) as image:
             width, height = image.size
         images.append({"id": image_id, "file_name": relative.as_posix(), "width": width, "height": height})

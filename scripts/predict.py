@@ -41,11 +41,11 @@ from torchvision.ops import box_convert
 from tqdm import tqdm
 
 from detr_ssl.config import COCO_AREA_RANGES, parse_area_ranges
-from detr_ssl.data.folder import IMAGE_SUFFIXES
 from detr_ssl.engine.evaluate import coco_bbox_stats, stat_names
 from detr_ssl.engine.predict import SlidingWindowPredictor, category_names, load_detector
 from detr_ssl.engine.runner import resolve_device
 from detr_ssl.utils.drawing import category_colour, draw_boxes, save_png, to_uint8
+from detr_ssl.utils.image import IMAGE_SUFFIXES, image_files
 from detr_ssl.utils.logging import setup_logging
 
 
@@ -90,7 +90,7 @@ def find_inputs(paths: list[Path], exclude: list[str]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = image_files(path)
             if not found:
                 raise FileNotFoundError(f"--images {path}: no image files ({', '.join(IMAGE_SUFFIXES)}) below it")
             files += found

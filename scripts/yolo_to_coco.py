@@ -20,9 +20,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from detr_ssl.data.convert import Problem, orphan_labels, report_problems
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+from detr_ssl.data.convert import Problem, orphan_labels, relative_image_files, report_problems
 
 # YOLO values are rounded to 6 decimals, so a box edge may sit a few 1e-7 outside [0, 1].
 BOUNDS_TOLERANCE = 1e-6
@@ -140,18 +138,12 @@ def to_coco_bbox(cx: float, cy: float, w: float, h: float, width: int, height: i
     return [x1, y1, x2 - x1, y2 - y1]
 
 
-def find_images(images_dir: Path) -> list[Path]:
-    """Image files under ``images_dir``, relative to it, sorted."""
-    files = (p for p in images_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    return sorted(p.relative_to(images_dir) for p in files)
-
-
 def convert(images_dir: Path, labels_dir: Path, names: list[str],
             category_ids: str = "sequential") -> tuple[dict, list[Problem]]:
     """Build the COCO json dict for one split and list the problems found in the labels."""
     categories = category_table(names, category_ids)
     images, annotations, problems = [], [], []
-    for image_id, relative in enumerate(find_images(images_dir), start=1):
+    for image_id, relative in enumerate(relative_image_files(images_dir), start=1):
         with Image.open(images_dir / relative) as image:
             width, height = image.size
         images.append({"id": image_id, "file_name": relative.as_posix(), "width": width, "height": height})

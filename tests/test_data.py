@@ -18,8 +18,10 @@ from torchvision.ops import box_convert
 from detr_ssl.config import parse_args
 from detr_ssl.data import build_dataset, collate_fn, get_coco_api, num_classes_of
 from detr_ssl.data.coco import CocoDetection
+from detr_ssl.data.convert import relative_image_files
 from detr_ssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detr_ssl.utils.box_ops import cxcywh_to_xyxy
+from detr_ssl.utils.image import find_images, image_files
 
 # coco8 objects by COCO category id: train bowl x3, orange x4, giraffe x2, broccoli, zebra,
 # potted plant, vase; val person x10, horse x2, elephant x2, dog, umbrella, potted plant.
@@ -284,3 +286,22 @@ def test_collate_pads_bottom_right_and_masks_the_padding(sample_root):
         assert not mask[:height, :width].any() and mask.sum() == mask.numel() - height * width
         assert torch.equal(padded[:, :height, :width], image)
         assert not padded[:, height:].any() and not padded[:, :, width:].any()
+
+
+def test_image_files_are_found_recursively_by_suffix_in_any_case_and_sorted(tmp_path):
+    for name in ("b/2.PNG", "b/1.jpg", "a.JPEG", "notes.txt", "c/d/e.webp", "c/tiles.tif.json"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "folder.png").mkdir()  # a directory with an image suffix is not a file
+    expected = [tmp_path / name for name in ("a.JPEG", "b/1.jpg", "b/2.PNG", "c/d/e.webp")]
+    assert image_files(tmp_path) == find_images(tmp_path) == expected
+    assert relative_image_files(tmp_path) == [p.relative_to(tmp_path) for p in expected]
+
+
+def test_find_images_names_the_folder_that_is_missing_or_empty(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"--data_path {tmp_path / 'missing'}: not a directory"):
+        find_images(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no image files"):
+        find_images(tmp_path)
+    assert image_files(tmp_path) == []

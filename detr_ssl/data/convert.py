@@ -5,6 +5,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from detr_ssl.utils.image import image_files
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -18,6 +20,11 @@ class Problem:
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line is not None else str(self.file)
         return f"{'error' if self.fatal else 'warning'}: {where}: {self.message}"
+
+
+def relative_image_files(images_dir: Path) -> list[Path]:
+    """Image files under ``images_dir``, relative to it, sorted (their COCO ``file_name``s)."""
+    return [path.relative_to(images_dir) for path in image_files(images_dir)]
 
 
 def orphan_labels(images_dir: Path, labels_dir: Path, images: list[dict]) -> list[Problem]:

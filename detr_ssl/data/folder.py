@@ -11,19 +11,7 @@ from torch.utils.data import Dataset
 
 from detr_ssl.data.bad_samples import UnreadableImageError, first_good
 from detr_ssl.data.transforms import xyxy_boxes
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def find_images(root: str | Path) -> list[Path]:
-    """Every image file below ``root``, sorted so that the order (and the image ids) are stable."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"--data_path {root}: not a directory")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"--data_path {root}: no image files ({', '.join(IMAGE_SUFFIXES)}) below it")
-    return files
+from detr_ssl.utils.image import find_images
 
 
 class ImageFolder(Dataset):

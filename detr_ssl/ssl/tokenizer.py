@@ -22,8 +22,7 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from detr_ssl.data.folder import find_images
-from detr_ssl.utils.image import IMAGENET_MEAN, IMAGENET_STD
+from detr_ssl.utils.image import IMAGENET_MEAN, IMAGENET_STD, find_images
 from detr_ssl.ssl.patches import patchify
 
 # Images are resized like evaluation images: the longer side is capped at DETR's 1333/800
