@@ -102,18 +102,24 @@ def test_tokenizer_with_another_patch_size_is_refused(tokenizer_file):
         build_model(args)
 
 
+def seeded_training_setup(flags: list[str]) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+    """A TINY model (seed 0, no dropout) in training mode, its criterion, and AdamW at 1e-3 on its
+    trainable parameters: the set-up of the tests whose losses must fall."""
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(parse_args([*TINY, *flags, "--lr", "1e-3", "--dropout", "0"]))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    return model, criterion, optimizer
+
+
 @pytest.mark.parametrize("model_flags", [[], DEFORMABLE], ids=["detr", "deformable_detr"])
 @pytest.mark.parametrize("task", ["reconstruction", "mim_continuous", "jigsaw_continuous"])
 def test_ssl_loss_trains_the_encoder_and_backbone_and_falls(coco_batch, model_flags, task):
     """Pre-training through the whole model on real images: gradients reach encoder and backbone,
     and the SSL loss falls over a few dozen steps."""
-    torch.manual_seed(0)
-    args = parse_args([*TINY, *model_flags, "--ssl_task", task, "--ssl_mode", "pretrain", "--num_classes", "91",
-                       "--lr", "1e-3", "--lr_backbone", "1e-3", "--dropout", "0"])
-    model, criterion, _ = build_model(args)
-    model.train()
+    model, criterion, optimizer = seeded_training_setup([*model_flags, "--ssl_task", task, "--ssl_mode", "pretrain",
+                                                         "--num_classes", "91", "--lr_backbone", "1e-3"])
     samples, targets = coco_batch
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for step in range(40):
         loss_dict = criterion(model(samples), targets)

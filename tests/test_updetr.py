@@ -21,7 +21,7 @@ from detr_ssl.ssl.updetr import (MIN_PIXEL, PATCH_SIZE, crop_patches, crop_targe
                                  sample_crop_boxes, valid_sizes)
 from detr_ssl.utils.misc import nested_tensor_from_tensor_list
 from test_models import read_manifest
-from test_ssl_cli import DEFORMABLE, SAMPLE, TINY
+from test_ssl_cli import DEFORMABLE, SAMPLE, TINY, seeded_training_setup
 
 PATCHES = ["--query_patches", "--num_patches", "5", "--feature_recon"]
 
@@ -172,13 +172,9 @@ def test_official_updetr_checkpoint_starts_a_detector_with_pretrain(tmp_path):
 def test_patch_localisation_loss_falls(coco_batch, model_flags, encoder_task):
     """Pre-training on real images, alone and next to an encoder task: the crops' box losses fall.
     Every step draws the same crops (the generator is reseeded), so the decoder can learn them."""
-    torch.manual_seed(0)
-    args = parse_args([*TINY, *model_flags, *PATCHES, "--ssl_mode", "pretrain", "--ssl_task", encoder_task,
-                       "--dropout", "0", "--num_queries", "10"])
-    model, criterion, _ = build_model(args)
-    model.train()
+    model, criterion, optimizer = seeded_training_setup([*model_flags, *PATCHES, "--ssl_mode", "pretrain",
+                                                         "--ssl_task", encoder_task, "--num_queries", "10"])
     samples, targets = coco_batch
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     box_losses = []
     for step in range(40):
         torch.manual_seed(1)
