@@ -5,6 +5,7 @@ shared by every test and later run.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -16,8 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from detr_ssl.engine.runner import seed_everything
 from detr_ssl.ops import available_backends, build, ms_deform_attn, ms_deform_attn_pytorch, set_default_backend
-from detr_ssl.ops.check import CASES, TOLERANCES, main as check_main, random_inputs, relative_errors
+from detr_ssl.ops.check import (CASES, TOLERANCES, main as check_main, output_and_grads, random_inputs,
+                                relative_errors)
 
 # The module, which the package's function of the same name hides from attribute access.
 msda_module = importlib.import_module("detr_ssl.ops.ms_deform_attn")
@@ -150,6 +153,99 @@ def test_autocast_keeps_value_dtype(backend, kernels):
     torch.testing.assert_close(output.float(), reference, atol=3e-2, rtol=3e-2)
 
 
+# ---------------------------------------------------------------- inputs that do not fit together
+
+
+def off_by_one(name: str, inputs: tuple) -> tuple:
+    """``random_inputs`` of "odd levels" (levels 7x5 and 3x9: S = 62, starts [0, 35]) with one thing off by one."""
+    value, shapes, starts, locations, weights = (t.clone() for t in inputs)
+    if name == "height":
+        shapes[0, 0] += 1
+    elif name == "width":
+        shapes[1, 1] -= 1
+    elif name == "start":
+        starts[1] += 1
+    elif name == "pixels":
+        value = value[:, :-1]
+    elif name == "levels":
+        shapes, starts = shapes[:1], starts[:1]
+    elif name == "weights":
+        weights = weights[..., :-1]
+    return value, shapes, starts, locations, weights
+
+
+OFF_BY_ONE = {
+    "height": r"spatial_shapes \[\(8, 5\), \(3, 9\)\] cover 67 pixels .* S = 62",
+    "width": r"spatial_shapes \[\(7, 5\), \(3, 8\)\] cover 59 pixels .* S = 62",
+    "start": r"level_start_index \[0, 36\] must be \[0, 35\]",
+    "pixels": r"cover 62 pixels .* S = 61",
+    "levels": r"spatial_shapes must be \(levels, 2\) = \(2, 2\) .* got \(1, 2\)",
+    "weights": r"attention_weights must be \(N, Lq, heads, levels, points\) = \(3, 17, 2, 2, 3\) .* got \(3, 17, 2, 2, 2\)",
+}
+
+
+@pytest.mark.parametrize("name", OFF_BY_ONE)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_off_by_one_are_refused_before_any_back_end_runs(backend, name, kernels):
+    """A ValueError naming the shapes, not garbage, an out-of-bounds read or the kernel's own error."""
+    skip_unless_built(backend, kernels)
+    device = "cuda" if backend == "cuda" else "cpu"
+    inputs = off_by_one(name, random_inputs(**CASES["odd levels"], device=device))
+    with pytest.raises(ValueError, match=OFF_BY_ONE[name]):
+        ms_deform_attn(*inputs, backend=backend)
+    if backend == "pytorch":
+        with pytest.raises(ValueError, match=OFF_BY_ONE[name]):
+            ms_deform_attn_pytorch(*inputs)
+
+
+def test_mismatched_shapes_dtypes_and_devices_are_refused():
+    value, shapes, starts, locations, weights = random_inputs(**CASES["odd levels"])
+    with pytest.raises(ValueError, match=r"value must be \(N, S, heads, head_dim\), got \(3, 62, 12\)"):
+        ms_deform_attn(value.flatten(2), shapes, starts, locations, weights)
+    with pytest.raises(ValueError, match=r"N = 3 and heads = 2 .* got \(3, 17, 1, 2, 3, 2\)"):
+        ms_deform_attn(value, shapes, starts, locations[:, :, :1], weights[:, :, :1])
+    with pytest.raises(ValueError, match=r"level_start_index must be \(levels,\) = \(2,\)"):
+        ms_deform_attn(value, shapes, starts[None], locations, weights)
+    with pytest.raises(ValueError, match="spatial_shapes .* must all be positive"):
+        ms_deform_attn(value, torch.tensor([[62, 1], [0, 9]]), starts.new_tensor([0, 62]), locations, weights)
+    with pytest.raises(TypeError, match="spatial_shapes must be an integer tensor, got torch.float32"):
+        ms_deform_attn(value, shapes.float(), starts, locations, weights)
+    with pytest.raises(TypeError, match="attention_weights must be floating point"):
+        ms_deform_attn(value, shapes, starts, locations, weights.long())
+    with pytest.raises(ValueError, match="sampling_locations is on meta, value on cpu"):
+        ms_deform_attn(value, shapes, starts, locations.to("meta"), weights)
+
+
+def test_shapes_are_read_once_per_pair_and_again_after_an_in_place_change(monkeypatch):
+    """Reading the shape tensors is a device-to-host copy (a sync on CUDA): a model's layers share one
+    pair, which is read once; writing into it in place is noticed."""
+    value, shapes, starts, locations, weights = random_inputs(**CASES["odd levels"])
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self) or tolist(self))
+    for _ in range(3):
+        ms_deform_attn(value, shapes, starts, locations, weights, backend="pytorch")
+    assert len(reads) == 2  # spatial_shapes and level_start_index, once
+    starts[1] += 1
+    with pytest.raises(ValueError, match="level_start_index"):
+        ms_deform_attn(value, shapes, starts, locations, weights, backend="pytorch")
+    starts[1] -= 1
+    ms_deform_attn(value, shapes, starts, locations, weights, backend="pytorch")
+    with pytest.raises(ValueError, match="S = 61"):  # the same pair, another value
+        ms_deform_attn(value[:, :-1], shapes, starts, locations, weights, backend="pytorch")
+
+
+def test_inference_tensors_are_checked_on_every_call():
+    """They have no version counter to say whether they changed."""
+    with torch.inference_mode():
+        value, shapes, starts, locations, weights = random_inputs(**CASES["odd levels"])
+        expected = ms_deform_attn(value, shapes, starts, locations, weights, backend="pytorch")
+        shapes[0, 0] += 1
+        with pytest.raises(ValueError, match="cover 67 pixels"):
+            ms_deform_attn(value, shapes, starts, locations, weights, backend="pytorch")
+    assert expected.shape == (3, 17, 12)
+
+
 # ---------------------------------------------------------------- choosing a back end
 
 
@@ -209,6 +305,85 @@ def test_build_failure_is_remembered(monkeypatch):
             build.load_extension("cpu")
     assert attempts == ["cpu"]
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+# ---------------------------------------------------------------- determinism
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(warn_only: bool = False):
+    """``torch.use_deterministic_algorithms(True)`` for the block, as ``--deterministic`` sets it."""
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "cpu"])
+def test_cpu_back_ends_run_and_repeat_bitwise_under_deterministic_algorithms(backend, kernels):
+    """Forward and backward raise no determinism alert, and give the same bits on 1 and 2 threads
+    (the CPU kernel's backward gives each thread its own slice of grad_value)."""
+    skip_unless_built(backend, kernels)
+    case = CASES["deformable detr"]
+    inputs = random_inputs(**case)
+    grad_output = torch.randn(case["batch"], case["queries"], case["heads"] * case["channels"])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        with deterministic_algorithms():
+            for count in (1, 2, 1):
+                torch.set_num_threads(count)
+                results.append(output_and_grads(backend, inputs, grad_output))
+    finally:
+        torch.set_num_threads(threads)
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
+
+
+CUDA_BACKWARDS = [pytest.param("cuda", "ms_deform_attn_backward_cuda", marks=needs_cuda),
+                  pytest.param("pytorch", "grid_sampler_2d_backward_cuda", marks=needs_cuda)]
+
+
+@pytest.mark.parametrize(("backend", "alert"), CUDA_BACKWARDS)
+def test_cuda_backward_is_refused_under_deterministic_algorithms(backend, alert, kernels):
+    """Both CUDA backwards sum with atomicAdd: they raise, or warn with warn_only=True, through
+    torch's own alert. The forward pass (inference) is deterministic and runs."""
+    skip_unless_built(backend, kernels)
+    inputs = random_inputs(**CASES["odd levels"], device="cuda")
+    grad_output = torch.randn(3, 17, 12, device="cuda")
+    expected = output_and_grads(backend, inputs, grad_output)
+    value, shapes, starts, locations, weights = (t.detach().requires_grad_() if t.is_floating_point() else t
+                                                 for t in inputs)
+    with deterministic_algorithms():
+        output = ms_deform_attn(value, shapes, starts, locations, weights, backend=backend)
+        torch.testing.assert_close(output, expected[0], rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match=f"{alert}.* does not have a deterministic implementation"):
+            output.backward(grad_output)
+    with deterministic_algorithms(warn_only=True), pytest.warns(UserWarning, match=alert):
+        results = output_and_grads(backend, inputs, grad_output)
+    for result, reference in zip(results, expected):
+        torch.testing.assert_close(result, reference)
+
+
+def test_seed_everything_deterministic_sets_cublas_and_cudnn(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    saved = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        seed_everything(0, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        seed_everything(0, deterministic=True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # a user's choice is kept
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
 
 
 # ---------------------------------------------------------------- builds and tools

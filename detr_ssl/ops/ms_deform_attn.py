@@ -12,11 +12,23 @@ natively (it reads locations and weights in float32 and accumulates in float32);
 computes float64 as float64 and everything else as float32. Under autocast ``value`` usually
 comes out of a Linear layer in half precision, so the result is in half precision too, as the
 surrounding Linear layers would produce.
+
+Inputs that do not fit together (levels that do not tile ``value``, mismatched shapes) are refused
+with a ValueError before any back end runs: a kernel given such levels would read outside ``value``.
+
+Determinism: forward passes sum in a fixed order on every device. The CPU kernel's backward is
+deterministic too (each thread owns a disjoint slice of the value gradient). On CUDA no backward
+is: the kernel adds its gradients with atomicAdd, and the PyTorch path's ``grid_sample`` backward
+does the same. Under ``torch.use_deterministic_algorithms(True)`` (``--deterministic``) both raise
+through torch's own alert for nondeterministic ops, which ``warn_only=True`` turns into a warning;
+CUDA inference, which runs no backward, is unaffected.
 """
 from __future__ import annotations
 
 import logging
 import warnings
+import weakref
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +42,7 @@ logger = logging.getLogger("detr_ssl")
 _default_backend = "auto"
 _fallback_warned: set[str] = set()  # device types for which "auto" has warned about a failed build
 _announced: set[tuple[str, str]] = set()  # (device type, back end) pairs already logged
+_last_levels: tuple = ()  # the last valid (spatial_shapes, level_start_index) pair: see _level_shapes
 
 
 def set_default_backend(name: str) -> None:
@@ -69,8 +82,8 @@ def ms_deform_attn(
 
     Args:
         value: (N, S, heads, head_dim), the flattened levels one after the other.
-        spatial_shapes: (L, 2) int64, (height, width) of each level; S = sum of height * width.
-        level_start_index: (L,) int64, index in S of each level's first pixel.
+        spatial_shapes: (L, 2) integers, (height, width) of each level; S = sum of height * width.
+        level_start_index: (L,) integers, index in S of each level's first pixel.
         sampling_locations: (N, Lq, heads, L, points, 2), normalised (x, y); (0, 0) is the
             top-left corner of the top-left pixel, (1, 1) the bottom-right corner of the last one.
             Samples outside [0, 1] read zeros.
@@ -79,15 +92,22 @@ def ms_deform_attn(
 
     Returns:
         (N, Lq, heads * head_dim) in ``value``'s dtype.
+
+    Raises:
+        TypeError: a dtype that is not floating point (value, locations, weights) or integer (the
+            other two).
+        ValueError: shapes that do not fit together, levels that do not tile S in order, or
+            value, locations and weights on different devices; checked before any back end runs.
+        RuntimeError: a CUDA backward under ``torch.use_deterministic_algorithms(True)`` (see the
+            module's docstring).
     """
-    if not value.is_floating_point():
-        raise TypeError(f"ms_deform_attn: value must be floating point, got {value.dtype}")
+    shapes = _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     name, extension = _select(backend or _default_backend, value.device)
     if (value.device.type, name) not in _announced:
         _announced.add((value.device.type, name))
         logger.info("ms_deform_attn: %s tensors use the %s back end", value.device.type, name)
     if extension is None:
-        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return _grid_sample_path(value, shapes, sampling_locations, attention_weights)
 
     value_dtype, coord_dtype = _kernel_dtypes(name, value.dtype)
     device = value.device
@@ -109,13 +129,19 @@ def ms_deform_attn_pytorch(
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
-    """The reference path: one ``grid_sample`` per level (the levels are split by their shapes,
-    so ``level_start_index`` is not needed). Computes in the promoted dtype of ``value`` and
-    ``sampling_locations`` and returns ``value``'s dtype."""
+    """The reference path: one ``grid_sample`` per level. Computes in the promoted dtype of ``value``
+    and ``sampling_locations`` and returns ``value``'s dtype."""
+    shapes = _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _grid_sample_path(value, shapes, sampling_locations, attention_weights)
+
+
+def _grid_sample_path(value: Tensor, shapes: list[tuple[int, int]], sampling_locations: Tensor,
+                      attention_weights: Tensor) -> Tensor:
+    """The PyTorch path on checked inputs; ``shapes`` are the levels' (height, width) on the host,
+    which split ``value`` into its levels."""
     batch, _, heads, channels = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     dtype = torch.promote_types(value.dtype, sampling_locations.dtype)
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     grids = 2 * sampling_locations.to(dtype) - 1  # grid_sample's coordinates: -1 and 1 are the outer edges
     weights = attention_weights.to(dtype).transpose(1, 2).reshape(batch * heads, 1, queries, levels, points)
     output = value.new_zeros(batch * heads, channels, queries, dtype=dtype)
@@ -142,6 +168,70 @@ class _KernelFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_value, grad_locations, grad_weights = ctx.extension.backward(*ctx.saved_tensors, grad_output.contiguous())
         return None, grad_value, None, None, grad_locations, grad_weights
+
+
+def _check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                  attention_weights: Tensor) -> list[tuple[int, int]]:
+    """The levels' (height, width), once the five inputs are known to fit together.
+
+    Raises TypeError for a wrong dtype and ValueError, naming the shapes, for anything else.
+    """
+    for name, tensor in (("value", value), ("sampling_locations", sampling_locations),
+                         ("attention_weights", attention_weights)):
+        if not tensor.is_floating_point():
+            raise TypeError(f"ms_deform_attn: {name} must be floating point, got {tensor.dtype}")
+        if tensor.device != value.device:
+            raise ValueError(f"ms_deform_attn: {name} is on {tensor.device}, value on {value.device}")
+    for name, tensor in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise TypeError(f"ms_deform_attn: {name} must be an integer tensor, got {tensor.dtype}")
+    if value.dim() != 4:
+        raise ValueError(f"ms_deform_attn: value must be (N, S, heads, head_dim), got {tuple(value.shape)}")
+    batch, _, heads, _ = value.shape
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2 or \
+            (sampling_locations.shape[0], sampling_locations.shape[2]) != (batch, heads):
+        raise ValueError(f"ms_deform_attn: sampling_locations must be (N, Lq, heads, levels, points, 2) with "
+                         f"N = {batch} and heads = {heads} as in value {tuple(value.shape)}, got "
+                         f"{tuple(sampling_locations.shape)}")
+    levels = sampling_locations.shape[3]
+    checks = (("attention_weights", attention_weights, sampling_locations.shape[:5], "(N, Lq, heads, levels, points)"),
+              ("spatial_shapes", spatial_shapes, (levels, 2), "(levels, 2)"),
+              ("level_start_index", level_start_index, (levels,), "(levels,)"))
+    for name, tensor, expected, meaning in checks:
+        if tensor.shape != expected:
+            raise ValueError(f"ms_deform_attn: {name} must be {meaning} = {tuple(expected)} to match "
+                             f"sampling_locations {tuple(sampling_locations.shape)}, got {tuple(tensor.shape)}")
+    return _level_shapes(value.shape[1], spatial_shapes, level_start_index)
+
+
+def _level_shapes(pixels: int, spatial_shapes: Tensor, level_start_index: Tensor) -> list[tuple[int, int]]:
+    """The levels' (height, width), checked to tile the ``pixels`` rows of value in order.
+
+    Reading the two tensors is a copy to the host, which for CUDA tensors waits for the GPU. A
+    model passes the same pair to each of its attention layers, so the last valid pair is
+    remembered, by identity and version counter (which in-place writes bump), and read once per
+    forward pass. Inference tensors have no version counter and are read on every call.
+    """
+    global _last_levels
+    tracked = not (spatial_shapes.is_inference() or level_start_index.is_inference())
+    key = (spatial_shapes._version, level_start_index._version, pixels) if tracked else None
+    if key is not None and _last_levels and _last_levels[0]() is spatial_shapes \
+            and _last_levels[1]() is level_start_index and _last_levels[2] == key:
+        return _last_levels[3]
+    shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
+    sizes = [height * width for height, width in shapes]
+    starts = [0, *accumulate(sizes)]
+    if any(height < 1 or width < 1 for height, width in shapes):
+        raise ValueError(f"ms_deform_attn: spatial_shapes {shapes} must all be positive")
+    if starts[-1] != pixels:
+        raise ValueError(f"ms_deform_attn: spatial_shapes {shapes} cover {starts[-1]} pixels (the sum of height * "
+                         f"width), but value has S = {pixels}")
+    if level_start_index.tolist() != starts[:-1]:
+        raise ValueError(f"ms_deform_attn: level_start_index {level_start_index.tolist()} must be {starts[:-1]}, "
+                         f"the running sum of height * width of spatial_shapes {shapes}")
+    if key is not None:
+        _last_levels = (weakref.ref(spatial_shapes), weakref.ref(level_start_index), key, shapes)
+    return shapes
 
 
 def _kernel_dtypes(backend: str, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:

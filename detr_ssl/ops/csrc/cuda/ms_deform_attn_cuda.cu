@@ -10,8 +10,13 @@
 // grad_weight are sums over its head's channels: groups of lanes sum them with warp shuffles,
 // then one lane per group adds the group's sum to memory.
 //
+// The atomic adds make the backward pass nondeterministic (float sums in no fixed order), so it
+// raises or warns through torch's alert under torch.use_deterministic_algorithms(True).
+//
 // Unlike the CPU kernel, this one does not check that spatial_shapes tile value: that would
-// copy them to the host and synchronise on every call.
+// copy them to the host and synchronise on every call. The Python wrapper checks them, once per
+// pair of shape tensors.
+#include <ATen/Context.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -164,6 +169,10 @@ std::vector<at::Tensor> ms_deform_attn_backward(const at::Tensor& value, const a
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   check_cuda(value, sampling_locations, attention_weights);
   check_grad_output(grad_output, value, s);
+  // See Note [Writing Nondeterministic Operations] in ATen/Context.h: the atomic adds below.
+  at::globalContext().alertNotDeterministic(
+      "ms_deform_attn_backward_cuda (it sums gradients with atomicAdd in no fixed order; runs are "
+      "bit-reproducible on the CPU, whose kernel is deterministic)");
   const c10::cuda::CUDAGuard guard(value.device());
   at::Tensor grad_value = at::zeros(value.sizes(), sampling_locations.options());  // acc_t, on value's device
   at::Tensor grad_locations = at::zeros_like(sampling_locations);
