@@ -113,7 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--output_dir", type=str, default="", help="where checkpoints, config, results and logs go ('' = save nothing)")
     add("--device", type=str, default="cuda", help="'cuda', 'cpu' or 'cuda:N'; falls back to CPU with a warning when CUDA is absent")
     add("--seed", type=int, default=42, help="random seed (each process adds its rank)")
-    add("--resume", type=str, default="", help="checkpoint to continue from (model, optimizer, scheduler, epoch, RNG)")
+    add("--resume", type=str, default="", metavar="CKPT",
+        help="continue the run that wrote CKPT exactly (model, optimizer, scheduler, epoch, RNG); the model must match "
+             "it key for key, else the run stops naming the differences. With --eval: the checkpoint to evaluate")
+    add("--finetune", type=str, default="", metavar="CKPT",
+        help="start a new run from another run's weights: every tensor whose name and shape fit loads (e.g. not a "
+             "classifier for another class count), optimizer, schedule and epoch start afresh; the log lists loaded, "
+             "skipped and new keys. For pre-training checkpoints use --pretrain")
     add("--start_epoch", type=int, default=0, metavar="N", help="first epoch number (overridden by --resume)")
     add("--eval", action="store_true", help="only evaluate (usually with --resume)")
     add("--eval_every", type=int, default=1, metavar="N", help="evaluate every N epochs during training (always after the last)")
@@ -168,10 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrain: SSL loss only (labelled or unlabelled images, no decoder); multitask: detection + weighted SSL loss")
     add("--ssl_ratio", type=float, default=0.5, help="fraction of each image's patches masked or permuted")
     add("--ssl_ratio_schedule", type=str, default="constant", choices=SCHEDULES,
-        help="ratio over training: constant, or decaying to 0 by the last epoch (linear, cosine)")
+        help="ratio over training: constant, or decaying every optimizer step (linear, cosine) to reach 0 just after "
+             "the last one")
     add("--ssl_loss_coef", type=float, default=1.0, help="weight (lambda) of the SSL loss")
     add("--ssl_loss_schedule", type=str, default="constant", choices=SCHEDULES,
-        help="lambda over training: constant, or decaying to 0 by the last epoch (linear, cosine)")
+        help="lambda over training (multitask only): constant, or decaying every optimizer step (linear, cosine) to "
+             "reach 0 just after the last one")
     add("--ssl_levels", action="store_true",
         help="Deformable DETR: every encoder level also predicts the pixels of its own patches (the paper used the finest only)")
     add("--ssl_backbone_grad", action=bool_flag, default=True,
@@ -237,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--coco_path", type=str, default=None, help="alias of --data_path (official DETR flag name)")
     add("--train_split", type=str, default="train", help="split used for training (folder and json name)")
     add("--val_split", type=str, default="val", help="split used for evaluation ('train' = an overfitting check)")
+    add("--val_path", type=str, default=None, metavar="DIR",
+        help="--ssl_mode pretrain: a folder tree of held-out images on which every evaluation reports the pretext "
+             "losses (default: the --val_split of COCO-json data; none for --dataset_file folder)")
     add("--min_size", type=int, default=800,
         help="shorter image side at evaluation and the largest training scale; the official scales 480..800 are multiplied by MIN_SIZE/800")
     add("--max_size", type=int, default=1333, help="cap on the longer image side")
@@ -334,6 +345,10 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error("--with_box_refine and --two_stage are Deformable DETR options (--model deformable_detr)")
     if args.ssl_task == "none" and not args.query_patches and args.ssl_mode == "pretrain":
         parser.error("--ssl_mode pretrain needs a pretext task: set --ssl_task and/or --query_patches")
+    if args.ssl_mode == "pretrain" and args.ssl_loss_schedule != "constant":
+        parser.error(f"--ssl_loss_schedule {args.ssl_loss_schedule} weighs the SSL loss against detection, which "
+                     "--ssl_mode pretrain does not train: there it would only scale the loss down (a learning-rate "
+                     "decay in disguise); drop it, or use --lr_drop")
     if args.query_patches:
         if args.num_patches < 1 or args.num_queries % args.num_patches:
             parser.error(f"--num_queries ({args.num_queries}) must be a positive multiple of --num_patches "
@@ -356,6 +371,12 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error(f"--tokenizer: file not found: {args.tokenizer}")
     if args.pretrain and not Path(args.pretrain).is_file():
         parser.error(f"--pretrain: checkpoint not found: {args.pretrain}")
+    if args.finetune and not Path(args.finetune).is_file():
+        parser.error(f"--finetune: checkpoint not found: {args.finetune}")
+    starts = [f"--{name}" for name in ("resume", "finetune", "pretrain") if getattr(args, name)]
+    if len(starts) > 1:
+        parser.error(f"{' and '.join(starts)}: give one. --resume continues a run exactly, --finetune starts a new "
+                     "run from its weights, --pretrain from the pre-trained part of a pre-training checkpoint")
     if not 0.0 <= args.ssl_ratio <= 1.0:
         parser.error(f"--ssl_ratio must be in [0, 1], got {args.ssl_ratio}")
     if args.ssl_loss_coef < 0 or args.vis_every < 0:
@@ -367,6 +388,15 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     if args.coco_eval_backend == "faster_coco_eval" and importlib.util.find_spec("faster_coco_eval") is None:
         parser.error("--coco_eval_backend faster_coco_eval: the faster-coco-eval package is not installed "
                      "(pip install -e '.[fast-eval]', or pip install faster-coco-eval)")
+    if args.val_path is not None:
+        if args.ssl_mode != "pretrain":
+            parser.error("--val_path holds unlabelled held-out images for --ssl_mode pretrain; detection evaluates on "
+                         "--val_split of --data_path")
+        if not Path(args.val_path).is_dir():
+            parser.error(f"--val_path: not a folder: {args.val_path}")
+    if args.eval and args.ssl_mode == "pretrain" and args.dataset_file == "folder" and args.val_path is None:
+        parser.error("--eval of a pre-training run reports its pretext losses on held-out images: pass --val_path DIR "
+                     "(a folder of images not used for training)")
     if args.dataset_file == "folder" and args.ssl_mode != "pretrain":
         parser.error("--dataset_file folder holds unlabelled images: use it with --ssl_mode pretrain and an "
                      "--ssl_task and/or --query_patches")

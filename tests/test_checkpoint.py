@@ -14,10 +14,13 @@ from torch import nn
 from detr_ssl.engine import checkpoint as ckpt
 from detr_ssl.engine.checkpoint import (
     CheckpointMismatchError,
+    NotACheckpointError,
     UnsafeCheckpointError,
     build_checkpoint_state,
     capture_rng_state,
     load_checkpoint,
+    load_finetune,
+    load_for_evaluation,
     load_model_state,
     restore_rng_state,
     resume_training,
@@ -162,7 +165,7 @@ def test_matching_state_loads_exactly():
     assert all(torch.equal(a, b) for a, b in zip(source.parameters(), target.parameters()))
 
 
-def test_resume_restores_optimizer_and_epoch_only_for_an_exact_match(tmp_path):
+def test_resume_restores_optimizer_and_epoch_of_an_exact_match(tmp_path):
     state, optimizer, scheduler = _training_state(TinyDetector(), epoch=4)
     save_checkpoint(tmp_path / "checkpoint.pth", state)
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pth")
@@ -174,11 +177,116 @@ def test_resume_restores_optimizer_and_epoch_only_for_an_exact_match(tmp_path):
     assert new_scheduler.last_epoch == scheduler.last_epoch
     assert new_optimizer.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
 
+
+
+def test_resume_of_a_checkpoint_that_does_not_fit_stops_naming_the_keys(tmp_path):
+    state, _, _ = _training_state(TinyDetector(), epoch=4)
+    state["model"]["ssl_head.weight"] = torch.zeros(2)
+    del state["model"]["bbox_embed.bias"]
     other = TinyDetector(num_classes=15)
-    other_optimizer = torch.optim.AdamW(other.parameters(), lr=1e-4)
-    other_scheduler = torch.optim.lr_scheduler.StepLR(other_optimizer, step_size=2)
-    assert resume_training(checkpoint, other, other_optimizer, other_scheduler, LOGGER) is None
-    assert other_optimizer.state_dict()["state"] == {}
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    optimizer = torch.optim.AdamW(other.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+
+    with pytest.raises(CheckpointMismatchError) as err:
+        resume_training(state, other, optimizer, scheduler, LOGGER, "run/checkpoint.pth")
+    message = str(err.value)
+    assert "--resume run/checkpoint.pth" in message and "--finetune" in message
+    assert "class_embed.weight (checkpoint 92x8, model 16x8)" in message
+    assert "missing in the checkpoint: bbox_embed.bias" in message and "not in the model: ssl_head.weight" in message
+    assert optimizer.state_dict()["state"] == {}  # nothing was taken over
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_resume_of_weights_only_is_refused_with_the_flag_that_starts_from_them():
+    model = TinyDetector()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+    with pytest.raises(NotACheckpointError, match=r"no training state \(optimizer, lr_scheduler, epoch missing\).*"
+                                                  r"--finetune detr-r50\.pth"):
+        resume_training({"model": TinyDetector().state_dict()}, model, optimizer, scheduler, LOGGER, "detr-r50.pth")
+
+
+def test_evaluation_load_is_strict_but_ignores_pretext_heads(caplog):
+    source = TinyDetector()
+    state = {**source.state_dict(), "ssl_head.weight": torch.zeros(2), "patch2query.weight": torch.zeros(2)}
+    target = TinyDetector()
+    with caplog.at_level(logging.INFO, logger=LOGGER.name):
+        report = load_for_evaluation(target, {"model": state}, "ckpt.pth", LOGGER)
+    assert report.exact and torch.equal(target.class_embed.weight, source.class_embed.weight)
+    assert "ssl_head.weight" in caplog.text and "patch2query.weight" in caplog.text
+
+    with pytest.raises(CheckpointMismatchError, match=r"ckpt\.pth: .*class_embed\.weight.*see the flags"):
+        load_for_evaluation(TinyDetector(num_classes=15), {"model": state}, "ckpt.pth", LOGGER, hint="; see the flags")
+    del state["bbox_embed.bias"]
+    with pytest.raises(CheckpointMismatchError, match=r"missing in the checkpoint: bbox_embed\.bias"):
+        load_for_evaluation(TinyDetector(), {"model": state}, "ckpt.pth", LOGGER)
+    state["backbone.extra"] = torch.zeros(1)  # unexpected outside the pretext heads
+    with pytest.raises(CheckpointMismatchError, match=r"not in the model: backbone\.extra"):
+        load_for_evaluation(TinyDetector(), {"model": {**source.state_dict(), "backbone.extra": torch.zeros(1)}},
+                            "ckpt.pth", LOGGER)
+
+
+def test_finetune_loads_what_fits_and_lists_loaded_skipped_and_new_keys_by_module(tmp_path, caplog):
+    source = TinyDetector(num_classes=91)
+    state, _, _ = _training_state(source)
+    save_checkpoint(tmp_path / "coco.pth", state)
+    target = TinyDetector(num_classes=15)
+    fresh_head = target.class_embed.weight.detach().clone()
+    with caplog.at_level(logging.DEBUG, logger=LOGGER.name):
+        report = load_finetune(target, tmp_path / "coco.pth", LOGGER)
+    assert sorted(report.loaded) == ["backbone.bias", "backbone.weight", "bbox_embed.bias", "bbox_embed.weight"]
+    assert torch.equal(target.backbone.weight, source.backbone.weight)
+    assert torch.equal(target.class_embed.weight, fresh_head)
+    assert "loaded 4 tensors: backbone.* (2 tensors), bbox_embed.* (2 tensors)" in caplog.text
+    assert "skipped (in the checkpoint, not loaded) 2 tensors: class_embed.* (2 tensors)" in caplog.text
+    assert "newly initialised 2 tensors: class_embed.* (2 tensors)" in caplog.text
+    assert "class_embed.weight, class_embed.bias" in caplog.text  # the full list at debug level
+
+    with pytest.raises(CheckpointMismatchError, match="no tensor it hands on fits this model"):
+        load_finetune(nn.Sequential(nn.Linear(2, 2)), tmp_path / "coco.pth", LOGGER)
+
+
+def test_summarize_keys_groups_by_module_prefix():
+    keys = [f"transformer.decoder.layers.{i}.w" for i in range(3)] + ["query_embed.weight", "level_embed",
+                                                                        "class_embed.weight", "class_embed.bias"]
+    assert ckpt.summarize_keys(keys) == ("transformer.decoder.* (3 tensors), query_embed.weight, level_embed, "
+                                         "class_embed.* (2 tensors)")
+    assert ckpt.summarize_keys([]) == "none"
+
+
+def _not_checkpoints(tmp_path, sample_root):
+    """Files people pass as checkpoints by mistake, with what the error must call them."""
+    image = next((sample_root / "train").glob("*.jpg"))
+    good = tmp_path / "good.pth"
+    torch.save({"model": {"w": torch.zeros(3)}, "epoch": 1}, good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp_path / "config.yaml").write_text("model: detr\nepochs: 3\n")
+    (tmp_path / "notes.txt").write_text("174812789 is not a checkpoint\n")
+    with open(tmp_path / "data.pkl", "wb") as file:
+        pickle.dump({"rows": [1, 2, 3]}, file)
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    return [(image, "a JPEG image"), (truncated, "truncated or damaged"), (tmp_path / "config.yaml", "a text file"),
+            (tmp_path / "notes.txt", "a text file"), (tmp_path / "data.pkl", "a pickle that is not a torch checkpoint"),
+            (tmp_path / "list.pth", "it holds a list, not a dict"), (tmp_path / "empty.pth", "an empty file")]
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(tmp_path, sample_root):
+    for path, what in _not_checkpoints(tmp_path, sample_root):
+        with pytest.raises(NotACheckpointError) as err:
+            load_checkpoint(path)
+        message = str(err.value)
+        assert str(path) in message and what in message and "expected a checkpoint" in message, message
+        assert "\n" not in message
+
+
+def test_a_checkpoint_without_model_weights_is_named():
+    with pytest.raises(NotACheckpointError, match=r"x\.pth holds no model weights \(its top-level keys: epoch, args\)"):
+        ckpt.model_state_of({"epoch": 3, "args": {}}, "x.pth")
+    state = TinyDetector().state_dict()
+    assert ckpt.model_state_of(state, "bare.pth") is state  # a bare state dict is its own model state
 
 
 def test_rotation_keeps_latest_and_last_k(tmp_path):

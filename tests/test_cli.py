@@ -13,6 +13,7 @@ import yaml
 
 from detr_ssl.__main__ import main
 from detr_ssl.config import parse_args
+from detr_ssl.engine.checkpoint import CheckpointMismatchError, NotACheckpointError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = REPO_ROOT / "data" / "sample"
@@ -61,6 +62,49 @@ def test_eval_of_a_checkpoint_repeats_the_runs_last_evaluation_under_its_epoch(t
     evaluated = json.loads((tmp_path / "eval" / "results_0001.json").read_text())
     assert evaluated and evaluated == json.loads((tmp_path / "train" / "results_0001.json").read_text())
     assert "epoch 1 val" in (tmp_path / "eval" / "log.txt").read_text()
+
+
+def test_checkpoints_that_do_not_fit_stop_eval_and_resume_and_finetune_starts_a_new_run(tmp_path):
+    """--eval and --resume never run a partly random model; --finetune is the way to other flags."""
+    flags = ["--limit_train_batches", "1", "--limit_val_batches", "1", "--no-tensorboard"]
+    run_cli(tmp_path / "train", "--epochs", "1", *flags)
+    checkpoint = str(tmp_path / "train" / "checkpoint.pth")
+    other_model = ["--num_queries", "12", "--dec_layers", "3"]
+
+    with pytest.raises(CheckpointMismatchError, match=r"query_embed\.weight \(checkpoint 10x64, model 12x64\).*"
+                                                      r"missing in the checkpoint: transformer\.decoder\.layers\.2"):
+        run_cli(tmp_path / "eval", "--eval", "--resume", checkpoint, *other_model, *flags)
+    assert not list((tmp_path / "eval").glob("results_*.json"))
+    with pytest.raises(CheckpointMismatchError, match=r"--resume .*query_embed\.weight.*--finetune"):
+        run_cli(tmp_path / "resumed", "--epochs", "2", "--resume", checkpoint, *other_model, *flags)
+    assert not (tmp_path / "resumed" / "checkpoint.pth").exists()
+
+    run_cli(tmp_path / "fine", "--epochs", "1", "--finetune", checkpoint, *other_model, *flags)
+    log = (tmp_path / "fine" / "log.txt").read_text()
+    assert "--finetune" in log and "newly initialised" in log and "query_embed.weight" in log.split("newly")[1]
+    assert "training from epoch 0" in log
+    loaded = log.split(": loaded ")[1].split("\n")[0]
+    assert "backbone.0.* (" in loaded and "transformer.encoder.* (" in loaded and "query_embed" not in loaded
+    fine = torch.load(tmp_path / "fine" / "checkpoint.pth", weights_only=True)
+    assert fine["epoch"] == 0 and fine["model"]["query_embed.weight"].shape == (12, 64)
+
+
+def test_a_weights_only_checkpoint_is_refused_by_resume_and_loads_with_finetune(tmp_path):
+    flags = ["--epochs", "1", "--limit_train_batches", "1", "--limit_val_batches", "1", "--no-tensorboard"]
+    run_cli(tmp_path / "train", *flags)
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": torch.load(tmp_path / "train" / "checkpoint.pth", weights_only=True)["model"]}, weights)
+    with pytest.raises(NotACheckpointError, match="no training state.*--finetune"):
+        run_cli(tmp_path / "resumed", "--resume", str(weights), *flags)
+    run_cli(tmp_path / "fine", "--finetune", str(weights), *flags)
+    assert "--finetune" in (tmp_path / "fine" / "log.txt").read_text()
+
+
+def test_eval_of_a_text_file_says_it_is_not_a_checkpoint(tmp_path):
+    notes = tmp_path / "notes.yaml"
+    notes.write_text("epochs: 3\n")
+    with pytest.raises(NotACheckpointError, match=r"notes\.yaml is not a checkpoint: it is a text file"):
+        run_cli(tmp_path / "eval", "--eval", "--resume", str(notes))
 
 
 @pytest.mark.parametrize("model_flags", [[], DEFORMABLE, ["--ssl_task", "mim_continuous"]],
@@ -122,6 +166,9 @@ def test_bad_yaml_is_an_error_naming_file_and_key(tmp_path, capsys, yaml_text, m
         (["--lr", "0"], "--lr must be > 0"),
         (["--min_size", "900", "--max_size", "800"], "--max_size (800) must be >= --min_size (900)"),
         (["--resume", "/nonexistent/checkpoint.pth"], "--resume: checkpoint not found"),
+        (["--finetune", "/nonexistent/checkpoint.pth"], "--finetune: checkpoint not found"),
+        (["--resume", __file__, "--finetune", __file__], "--resume and --finetune: give one"),
+        (["--resume", __file__, "--pretrain", __file__], "--resume and --pretrain: give one"),
     ],
 )
 def test_impossible_values_fail_before_any_work(capsys, flags, message):

@@ -313,13 +313,15 @@ def test_registry(tmp_path, tokenizer_file):
         build_pretext_task("mim_discrete", HIDDEN, PATCH, 0.5, tokenizer_path=str(unnormalised))
 
 
-def test_schedules():
-    assert [schedule_value("constant", 2.0, e, 5) for e in (0, 2, 4)] == [2.0, 2.0, 2.0]
-    assert [schedule_value("linear", 2.0, e, 5) for e in (0, 2, 4)] == [2.0, 1.0, 0.0]
-    cosine = [schedule_value("cosine", 2.0, e, 5) for e in (0, 1, 2, 4)]
-    assert cosine == pytest.approx([2.0, 1.0 + math.sqrt(0.5), 1.0, 0.0])
+def test_schedules_fall_per_step_and_reach_their_end_after_the_last_step():
+    assert [schedule_value("constant", 2.0, s, 4) for s in (0, 2, 4)] == [2.0, 2.0, 2.0]
+    assert [schedule_value("linear", 2.0, s, 4) for s in (0, 1, 2, 3, 4)] == [2.0, 1.5, 1.0, 0.5, 0.0]
+    cosine = [schedule_value("cosine", 2.0, s, 4) for s in (0, 1, 2, 3, 4)]
+    assert cosine == pytest.approx([2.0, 1.0 + math.sqrt(0.5), 1.0, 1.0 - math.sqrt(0.5), 0.0])
+    # the final step (3 of 4) still trains with a positive value: a whole last epoch at 0 is gone
+    assert all(schedule_value(kind, 1.0, 3, 4) > 0 for kind in SCHEDULES)
     assert all(schedule_value(kind, 1.0, 0, 1) == 1.0 for kind in SCHEDULES)
     with pytest.raises(ValueError, match="unknown schedule"):
         schedule_value("step", 1.0, 0, 5)
-    with pytest.raises(ValueError, match="epoch"):
-        schedule_value("linear", 1.0, 5, 5)
+    with pytest.raises(ValueError, match="step must be in"):
+        schedule_value("linear", 1.0, 6, 5)

@@ -55,6 +55,66 @@ def test_multitask_run_adds_the_ssl_loss_and_logs_images(tmp_path, model_flags, 
     assert any(k.startswith("ssl_head.") for k in checkpoint["model"])
 
 
+def tensorboard_tags(run_dir: Path) -> dict[str, list[str]]:
+    """The scalar and image tags of a run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    return events.Tags()
+
+
+@pytest.mark.parametrize("flags", [["--ssl_task", "mim_continuous"], ["--query_patches", "--num_patches", "5"]],
+                         ids=["mim", "query_patches"])
+def test_pretraining_reports_a_validation_loss_per_epoch_and_eval_repeats_it(tmp_path, flags):
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    for name in ("coffee.png", "rocket.jpg"):  # held out: the training folder is the other photos
+        (held_out / name).write_bytes((SAMPLE / "unlabelled" / name).read_bytes())
+    train_dir = tmp_path / "train_images"
+    train_dir.mkdir()
+    for path in (SAMPLE / "unlabelled").iterdir():
+        if path.name not in ("coffee.png", "rocket.jpg"):
+            (train_dir / path.name).write_bytes(path.read_bytes())
+    common = [*TINY, *flags, "--ssl_mode", "pretrain", "--dataset_file", "folder", "--data_path", str(train_dir),
+              "--val_path", str(held_out)]
+    main([*common, "--output_dir", str(tmp_path / "pre"), "--epochs", "2"])
+    log = [json.loads(line) for line in (tmp_path / "pre" / "log.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in log] == [0, 1]
+    assert all(record["val_loss"] > 0 for record in log) and log[0]["val_loss"] != log[1]["val_loss"]
+    tags = tensorboard_tags(tmp_path / "pre")
+    assert "val/loss" in tags["scalars"] and any(tag.startswith("val/ssl/") for tag in tags["images"])
+
+    stats = main_stats([*common, "--eval", "--resume", str(tmp_path / "pre" / "checkpoint.pth"),
+                        "--output_dir", str(tmp_path / "eval")])
+    assert stats["loss"] == pytest.approx(log[-1]["val_loss"], rel=1e-6)  # the same corruption every evaluation
+    assert "epoch 1 val (pretext task on 1 held-out batches)" in (tmp_path / "eval" / "log.txt").read_text()
+
+
+def main_stats(argv: list[str]) -> dict:
+    """Run the CLI in-process and return what ``run`` returned (the last evaluation's stats)."""
+    from detr_ssl.engine.runner import run
+
+    return run(parse_args(argv))
+
+
+def test_validation_leaves_the_training_random_stream_alone(tmp_path):
+    common = [*TINY, "--ssl_task", "jigsaw_continuous", "--ssl_mode", "pretrain", "--dataset_file", "folder",
+              "--data_path", str(SAMPLE / "unlabelled"), "--epochs", "2", "--deterministic", "--no-tensorboard"]
+    main([*common, "--output_dir", str(tmp_path / "plain")])
+    main([*common, "--val_path", str(SAMPLE / "unlabelled"), "--output_dir", str(tmp_path / "validated")])
+    plain, validated = (torch.load(tmp_path / run / "checkpoint.pth", weights_only=True)["model"]
+                        for run in ("plain", "validated"))
+    assert all(torch.equal(value, validated[key]) for key, value in plain.items())
+
+
+def test_eval_of_a_folder_pretraining_needs_held_out_images(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--ssl_task", "mim_continuous", "--ssl_mode", "pretrain", "--dataset_file", "folder",
+                    "--data_path", str(SAMPLE / "unlabelled"), "--eval"])
+    assert "pass --val_path DIR" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model_flags", [[], DEFORMABLE], ids=["detr", "deformable_detr"])
 def test_pretrain_on_unlabelled_images_then_fine_tune_with_pretrain(tmp_path, model_flags):
     pre, fine = tmp_path / "pre", tmp_path / "fine"

@@ -22,12 +22,15 @@ DETECTION_DATASETS: dict[str, type[CocoDetection]] = {"coco": CocoDetection, "is
 
 
 def build_dataset(image_set: str, args: argparse.Namespace) -> Dataset:
-    """The 'train' or 'val' dataset of ``args.data_path``; split names come from ``--train_split/--val_split``."""
+    """The 'train' or 'val' dataset of ``args.data_path``; split names come from ``--train_split/--val_split``,
+    and a pre-training run's ``--val_path`` replaces the 'val' one."""
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
     if args.data_path is None:
         raise ValueError("no dataset given: pass --data_path ROOT (see data/README.md, section 'Data layouts')")
     transforms = build_transforms(image_set, args.min_size, args.max_size, args.augment)
+    if image_set == "val" and getattr(args, "val_path", None):  # held-out images of a pre-training run
+        return ImageFolder(args.val_path, transforms, skip_bad=args.skip_bad_samples)
     if args.dataset_file == "folder":
         return ImageFolder(args.data_path, transforms, skip_bad=args.skip_bad_samples)
     if args.dataset_file not in DETECTION_DATASETS:

@@ -1,4 +1,5 @@
-"""Data loaders whose order and augmentation depend only on (seed, epoch), so resuming is exact."""
+"""Data loaders whose order depends only on (seed, epoch) and whose augmentation depends only on
+(seed, epoch, rank), so resuming is exact and every process draws its own augmentation."""
 from __future__ import annotations
 
 import random
@@ -58,9 +59,18 @@ def build_loader(dataset: Dataset, args, train: bool, collate_fn, rank: int = 0,
     )
 
 
+def augmentation_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one process's augmentation in one epoch: a hash of all three, so that every
+    rank (and, from it, every worker: torch adds the worker id) draws its own flips, scales and
+    crops, and the same run on resume draws the same ones again."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0])
+
+
 def set_epoch(loader: DataLoader, epoch: int, seed: int, start_batch: int = 0) -> None:
-    """Reshuffle for ``epoch``, reseed the augmentation of the workers from (seed, epoch) and
-    start at ``start_batch`` (a resumed epoch); ``len(loader)`` counts the batches left."""
-    loader.batch_sampler.sampler.set_epoch(epoch)
+    """Reshuffle for ``epoch``, reseed the augmentation of this process's workers from (seed,
+    epoch, rank) and start at ``start_batch`` (a resumed epoch); ``len(loader)`` counts the
+    batches left. The rank is the loader's own (``build_loader``'s ``rank``)."""
+    sampler = loader.batch_sampler.sampler
+    sampler.set_epoch(epoch)
     loader.batch_sampler.start = start_batch
-    loader.generator.manual_seed(seed * 100_003 + epoch)
+    loader.generator.manual_seed(augmentation_seed(seed, epoch, sampler.rank))

@@ -37,6 +37,10 @@ class CheckpointMismatchError(RuntimeError):
     """A strict load found keys or shapes that differ between checkpoint and model."""
 
 
+class NotACheckpointError(ValueError):
+    """The file is not a checkpoint (an image, a text file, a truncated file, another pickle)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # random number generators
 
@@ -169,11 +173,40 @@ def save_epoch_checkpoint(output_dir: str | os.PathLike, state: dict[str, Any], 
 # loading
 
 
+# The first bytes of files that people pass by mistake, to say what the file is.
+_MAGIC = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image",
+          b"II*\x00": "a TIFF image", b"MM\x00*": "a TIFF image", b"%PDF": "a PDF document",
+          b"\x1f\x8b": "a gzip archive", b"\x93NUMPY": "a NumPy array file"}
+_EXPECTED = "expected a checkpoint written by torch.save, such as OUTPUT_DIR/checkpoint.pth or an official DETR .pth"
+
+
+def _describe_file(path: Path) -> str:
+    """What a file that did not load as a checkpoint looks like, from its first bytes."""
+    head = path.read_bytes()[:64] if path.stat().st_size else b""
+    if not head:
+        return "an empty file"
+    for magic, what in _MAGIC.items():
+        if head.startswith(magic):
+            return what
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive that torch cannot read (truncated or damaged while copying?)"
+    if head.startswith(b"\x80"):
+        return "a pickle that is not a torch checkpoint, or a truncated one"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "a binary file of an unknown format"
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"a text file (it starts with {first!r})"
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint (file or http(s) URL) onto the CPU without executing any code in it.
 
     Raises ``UnsafeCheckpointError`` for a file that needs other Python objects than tensors,
-    plain containers and ``argparse.Namespace``; such a file is never unpickled further.
+    plain containers and ``argparse.Namespace`` (such a file is never unpickled further), and
+    ``NotACheckpointError``, one line saying what the file is, for anything else that is not a
+    checkpoint: an image, a text or YAML file, a truncated download, a pickle of other data.
     """
     location = str(path)
     is_url = location.startswith(("http://", "https://"))
@@ -182,14 +215,38 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             if is_url:
-                return torch.hub.load_state_dict_from_url(location, map_location="cpu", weights_only=True)
-            return torch.load(location, map_location="cpu", weights_only=True)
+                checkpoint = torch.hub.load_state_dict_from_url(location, map_location="cpu", weights_only=True)
+            else:
+                checkpoint = torch.load(location, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if not is_url and "Unsupported global" not in str(err):
+            raise NotACheckpointError(f"{location} is not a checkpoint: it is {_describe_file(Path(location))}; "
+                                      f"{_EXPECTED}") from err
         first_line = str(err).strip().splitlines()[-1]
         raise UnsafeCheckpointError(
             f"{location}: refused to load this checkpoint as unsafe; it was not executed. It needs "
             f"Python objects beyond tensors, plain values and argparse.Namespace ({first_line})."
         ) from err
+    except (RuntimeError, EOFError, KeyError, IndexError, ValueError, TypeError, AttributeError) as err:
+        if is_url:
+            raise
+        raise NotACheckpointError(f"{location} is not a checkpoint: it is {_describe_file(Path(location))}; "
+                                  f"{_EXPECTED}") from err
+    if not isinstance(checkpoint, dict):
+        raise NotACheckpointError(f"{location} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a "
+                                  f"dict; {_EXPECTED}")
+    return checkpoint
+
+
+def model_state_of(checkpoint: dict[str, Any], location: str | os.PathLike) -> dict[str, Tensor]:
+    """The model state dict of a checkpoint: its ``model`` entry, or the file itself when it is a
+    bare state dict (torchvision / timm style). Anything else is refused by name."""
+    state = checkpoint.get("model", checkpoint)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        keys = ", ".join(map(str, list(checkpoint)[:8]))
+        raise NotACheckpointError(f"{location} holds no model weights (its top-level keys: {keys}); expected a "
+                                  "'model' entry of tensors, as OUTPUT_DIR/checkpoint.pth and official checkpoints have")
+    return state
 
 
 @dataclass
@@ -258,33 +315,112 @@ def _restore_process_rng(rng_states: list[dict[str, Any]] | None, logger: loggin
     logger.warning("checkpoint holds %s for %d processes: random streams start from the seed", saved, get_world_size())
 
 
+TRAINING_STATE = ("optimizer", "lr_scheduler", "epoch")
+
+
 def resume_training(
     checkpoint: dict[str, Any],
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     logger: logging.Logger,
-) -> int | None:
-    """Continue from ``checkpoint``: the epoch to start at, or None if only weights were loaded.
+    location: str | os.PathLike = "the checkpoint",
+) -> int:
+    """Continue the run of ``checkpoint`` exactly: the epoch to start at.
 
-    Optimizer, scheduler, random state and epoch are taken only when the model matched exactly
-    (e.g. not after re-initialising a head), since stale optimizer moments would not fit.
+    Only a checkpoint of this very model continues: any missing, unexpected or mis-shaped key
+    raises ``CheckpointMismatchError`` naming them, and a file without optimizer, schedule and
+    epoch raises ``NotACheckpointError``. Starting from other weights is ``--finetune``.
     """
-    report = load_model_state(model, checkpoint["model"], logger)
-    complete = all(key in checkpoint for key in ("optimizer", "lr_scheduler", "epoch"))
-    if not (report.exact and complete):
-        logger.warning("checkpoint used for its weights only: optimizer, schedule and epoch start afresh")
-        return None
+    lacking = [key for key in TRAINING_STATE if key not in checkpoint]
+    if lacking:
+        raise NotACheckpointError(f"--resume {location}: it holds no training state ({', '.join(lacking)} missing), "
+                                  "so there is no run to continue; to train from its weights use --finetune "
+                                  f"{location} (or --pretrain for a pre-training checkpoint)")
+    try:
+        load_model_state(model, model_state_of(checkpoint, location), logger, strict=True)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"--resume {location}: {err}. --resume continues the run that wrote it and "
+                                      "needs its flags (e.g. --config OUTPUT_DIR/config.yaml); to start a new run "
+                                      "from these weights use --finetune") from err
     optimizer.load_state_dict(checkpoint["optimizer"])
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     _restore_process_rng(checkpoint.get("rng_state"), logger)
     return checkpoint["epoch"] + 1
 
 
+# Heads that only a pretext task reads: evaluating detection without them computes the same outputs.
+PRETEXT_ONLY_PREFIXES = ("ssl_head.", "patch_class_embed.", "patch2query.", "feature_align.")
+
+
+def load_for_evaluation(model: nn.Module, checkpoint: dict[str, Any], location: str | os.PathLike,
+                        logger: logging.Logger, hint: str = "") -> LoadReport:
+    """Load the weights that an evaluation or a prediction measures: every tensor of the model
+    must come from the checkpoint with its shape, or ``CheckpointMismatchError`` names what
+    differs (followed by ``hint``). The checkpoint may hold more than the model only in
+    pretext-task heads, which detection never reads."""
+    state = model_state_of(checkpoint, location)
+    own = _unwrap(model).state_dict()
+    ignored = [k for k in state if k not in own and k.startswith(PRETEXT_ONLY_PREFIXES)]
+    try:
+        report = load_model_state(model, {k: v for k, v in state.items() if k not in ignored}, logger, strict=True)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"{location}: {err}{hint}") from err
+    if ignored:
+        logger.info("pretext-task heads of the checkpoint not used to detect: %s", summarize_keys(ignored))
+    return report
+
+
+def summarize_keys(keys: list[str], depth: int = 2) -> str:
+    """State-dict keys grouped by module (their first ``depth`` name parts, never the tensor's own
+    name), for a readable log line: ``transformer.decoder.* (96 tensors), query_embed.weight``."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        parts = key.split(".")
+        groups.setdefault(".".join(parts[:min(depth, len(parts) - 1)]) or key, []).append(key)
+    return ", ".join(f"{prefix}.* ({len(members)} tensors)" if len(members) > 1 else members[0]
+                     for prefix, members in groups.items()) or "none"
+
+
+def _log_transfer(flag: str, path: str | os.PathLike, loaded: list[str], skipped: list[str], new: list[str],
+                  logger: logging.Logger) -> None:
+    """The loaded / skipped / newly initialised keys of a weight transfer: grouped at info level,
+    every key at debug level."""
+    for what, keys in (("loaded", loaded), ("skipped (in the checkpoint, not loaded)", skipped),
+                       ("newly initialised", new)):
+        logger.info("%s %s: %s %d tensors: %s", flag, path, what, len(keys), summarize_keys(keys))
+        logger.debug("%s %s: %s: %s", flag, path, what, ", ".join(keys) or "none")
+
+
+def _transfer_weights(model: nn.Module, state: dict[str, Tensor], wanted: dict[str, Tensor], flag: str,
+                      path: str | os.PathLike, logger: logging.Logger) -> LoadReport:
+    """Load the tensors of ``wanted`` (part of ``state``) whose names and shapes fit the model;
+    the rest of the model keeps its initialisation. The log lists loaded, skipped and new keys."""
+    model = _unwrap(model)
+    own = model.state_dict()
+    fitting = {k: v for k, v in wanted.items() if k in own and v.shape == own[k].shape}
+    if not fitting:
+        raise CheckpointMismatchError(f"{flag} {path}: no tensor it hands on fits this model (same names and "
+                                      "shapes); was it made with the same --model, --backbone and --hidden_dim?")
+    model.load_state_dict(fitting, strict=False)
+    _log_transfer(flag, path, list(fitting), [k for k in state if k not in fitting],
+                  [k for k in own if k not in fitting], logger)
+    return LoadReport(loaded=list(fitting), reinitialised=[k for k in wanted if k in own and k not in fitting],
+                      missing=[k for k in own if k not in fitting], unexpected=[k for k in state if k not in own])
+
+
+def load_finetune(model: nn.Module, path: str | os.PathLike, logger: logging.Logger) -> LoadReport:
+    """Start a new run from another run's weights (``--finetune``): every tensor whose name and
+    shape fit loads (a classifier for another class count does not); optimizer, schedule and
+    epoch start afresh."""
+    state = model_state_of(load_checkpoint(path), path)
+    return _transfer_weights(model, state, state, "--finetune", path, logger)
+
+
 PRETRAINED_PREFIXES = ("backbone.", "input_proj.", "transformer.encoder.", "transformer.level_embed")
 # What a query-patch (UP-DETR) pre-training does not hand on: the object/no-object classifier and
 # the patch-only heads, as the official fine-tuning, which drops class_embed and ignores the rest.
-NOT_FROM_QUERY_PATCHES = ("class_embed.", "patch_class_embed.", "patch2query.", "feature_align.", "ssl_head.")
+NOT_FROM_QUERY_PATCHES = ("class_embed.", *PRETEXT_ONLY_PREFIXES)
 
 
 def _pretrained_part(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -306,20 +442,5 @@ def load_pretrained_encoder(model: nn.Module, path: str | os.PathLike, logger: l
     belongs to the pretext task and is skipped; shape mismatches stay initialised. The log lists
     the loaded, skipped and newly initialised keys.
     """
-    state = load_checkpoint(path)
-    state = state.get("model", state)
-    model = _unwrap(model)
-    own = model.state_dict()
-    wanted = _pretrained_part(state)
-    loaded = [k for k, v in wanted.items() if k in own and v.shape == own[k].shape]
-    if not loaded:
-        raise CheckpointMismatchError(f"--pretrain {path}: no backbone or encoder tensor fits this model; "
-                                      "was it made with the same --model, --backbone and --hidden_dim?")
-    model.load_state_dict({k: wanted[k] for k in loaded}, strict=False)
-    skipped = [k for k in state if k not in loaded]
-    new = [k for k in own if k not in loaded]
-    logger.info("--pretrain %s: loaded %d tensors (%s)", path, len(loaded), ", ".join(loaded))
-    logger.info("--pretrain: skipped %d tensors of the checkpoint (%s)", len(skipped), ", ".join(skipped) or "none")
-    logger.info("--pretrain: newly initialised %d tensors (%s)", len(new), ", ".join(new) or "none")
-    return LoadReport(loaded=loaded, reinitialised=[k for k in wanted if k in own and k not in loaded],
-                      missing=new, unexpected=[k for k in state if k not in own])
+    state = model_state_of(load_checkpoint(path), path)
+    return _transfer_weights(model, state, _pretrained_part(state), "--pretrain", path, logger)

@@ -24,7 +24,8 @@ from detr_ssl.config import AREA_UNBOUNDED, COCO_AREA_RANGES, parse_area_ranges
 from detr_ssl.data.bad_samples import log_skipped, skipped_in
 from detr_ssl.engine.amp import autocast, to_float32
 from detr_ssl.engine.coco_backend import coco_evaluator
-from detr_ssl.engine.train import Targets, batch_limit, image_ids, logged_losses, to_device
+from detr_ssl.engine.train import (Targets, batch_limit, image_ids, log_patch_images, log_ssl_images, logged_losses,
+                                   to_device)
 from detr_ssl.utils.dist import all_gather_object, is_main_process
 from detr_ssl.utils.logging import MetricTracker, TensorBoardLogger
 from detr_ssl.utils.misc import NestedTensor
@@ -220,3 +221,47 @@ def evaluate(
     tb.scalars(meter.summary(), epoch, "val")
     logger.info("epoch %d val: %s", epoch, meter.format())
     return {"coco_eval_bbox": stats, **metrics, "per_class_AP": per_class, **meter.summary()}
+
+
+@torch.no_grad()
+def evaluate_pretext(
+    model: nn.Module,
+    criterion: nn.Module,
+    data_loader: Iterable[tuple[NestedTensor, Targets]],
+    device: torch.device | str,
+    args: argparse.Namespace,
+    epoch: int,
+    tb: TensorBoardLogger,
+    logger: logging.Logger,
+) -> dict[str, Any]:
+    """The validation losses of a pre-training run (``--ssl_mode pretrain``): its pretext losses
+    on held-out images, returned on every process.
+
+    The corruption (masks, permutations, crops) is drawn from a generator seeded by ``--seed``
+    alone, outside the training random stream: every epoch sees the same corrupted images, so
+    the losses compare across epochs, and training (and its exact resume) is left untouched.
+    TensorBoard gets the losses and the pretext task's pictures of the first validation batch.
+    """
+    model.eval()
+    criterion.eval()
+    num_batches = batch_limit(data_loader, args.limit_val_batches)
+    meter = MetricTracker()
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    progress = tqdm(islice(data_loader, num_batches), total=num_batches, desc=f"epoch {epoch} val",
+                    disable=not is_main_process(), dynamic_ncols=True, leave=False)
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(args.seed)
+        for index, (samples, targets) in enumerate(progress):
+            samples, targets = to_device(samples, targets, device)
+            with autocast(args, device):
+                outputs = to_float32(model(samples))
+            meter.update(logged_losses(criterion(outputs, targets), criterion.weight_dict))
+            if index == 0 and tb.active:
+                if "ssl_outputs" in outputs:
+                    log_ssl_images(model, outputs["ssl_outputs"], tb, epoch, prefix="val/")
+                if "patch_outputs" in outputs:
+                    log_patch_images(outputs["patch_outputs"], tb, epoch, prefix="val/")
+    summary = meter.summary()
+    tb.scalars(summary, epoch, "val")
+    logger.info("epoch %d val (pretext task on %d held-out batches): %s", epoch, num_batches, meter.format())
+    return summary

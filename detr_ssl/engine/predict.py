@@ -25,12 +25,10 @@ from detr_ssl.data.coco import split_paths
 from detr_ssl.data.isaid import ISAID_CATEGORIES
 from detr_ssl.data.tiling import Window, merge_window_detections, sliding_windows
 from detr_ssl.data.transforms import build_transforms, xyxy_boxes
-from detr_ssl.engine.checkpoint import CheckpointMismatchError, load_checkpoint, load_model_state
+from detr_ssl.engine.checkpoint import load_checkpoint, load_for_evaluation, model_state_of
 from detr_ssl.models import build_model
 from detr_ssl.utils.logging import LOGGER_NAME
 from detr_ssl.utils.misc import nested_tensor_from_tensor_list
-
-SSL_PREFIX = "ssl_head."
 
 
 def _saved_args(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -85,20 +83,15 @@ def load_detector(path: str | Path, device: str, logger: logging.Logger) -> tupl
     names it saved (empty for checkpoints without them)) from a checkpoint file; the weights must
     match the model exactly (``ssl_head.*`` aside)."""
     checkpoint = load_checkpoint(path)
-    if "model" not in checkpoint:
-        raise ValueError(f"{path}: not a detr_ssl/DETR checkpoint (no 'model' entry; keys: {sorted(checkpoint)})")
+    checkpoint = {**checkpoint, "model": model_state_of(checkpoint, path)}
     if _saved_args(checkpoint).get("ssl_mode") == "pretrain":
         raise ValueError(f"{path} is a pre-training checkpoint (--ssl_mode pretrain): its decoder and heads never "
                          "learnt to detect. Fine-tune it first (main.py --pretrain CKPT ...) and predict with that")
     args = inference_args(checkpoint, device)
     with _weights_come_later():
         model, _, postprocessors = build_model(args)
-    state = {k: v for k, v in checkpoint["model"].items() if not k.startswith(SSL_PREFIX)}
-    try:
-        load_model_state(model, state, logger, strict=True)
-    except CheckpointMismatchError as err:
-        raise CheckpointMismatchError(f"{path}: {err}; the configuration saved in it (args) does not build the "
-                                      "model its weights come from") from err
+    load_for_evaluation(model, checkpoint, path, logger,
+                        hint="; the configuration saved in it (args) does not build the model its weights come from")
     saved_names = {int(k): str(v) for k, v in (checkpoint.get("categories") or {}).items()}
     return model.to(device).eval(), postprocessors["bbox"], args, saved_names
 

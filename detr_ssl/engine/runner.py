@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +26,13 @@ from ..models.criterion import query_patch_weight_dict
 from ..ssl.schedule import schedule_value
 from ..utils import dist
 from ..utils.logging import TensorBoardLogger, setup_logging
-from .checkpoint import (LATEST, build_checkpoint_state, load_checkpoint, load_model_state, load_pretrained_encoder,
-                         resume_training, save_checkpoint, save_epoch_checkpoint)
+from .checkpoint import (LATEST, build_checkpoint_state, load_checkpoint, load_finetune, load_for_evaluation,
+                         load_pretrained_encoder, resume_training, save_checkpoint, save_epoch_checkpoint)
 from .amp import amp_dtype, build_grad_scaler
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_pretext
 from .faults import BadSteps, Interrupted, StopTraining, TooManyBadSteps, stop_on_signals
 from .optim import build_lr_scheduler, build_optimizer
-from .train import train_one_epoch
+from .train import steps_per_epoch, train_one_epoch
 
 
 def resolve_device(requested: str) -> str:
@@ -41,11 +44,20 @@ def resolve_device(requested: str) -> str:
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed torch, numpy and ``random``; with ``deterministic``, make torch use deterministic algorithms only.
+
+    Deterministic mode also sets what cuBLAS and cuDNN need for it. cuBLAS reads
+    ``CUBLAS_WORKSPACE_CONFIG`` (set to ``:4096:8`` unless already set) when it first runs, so this
+    must be called before the process's first CUDA matrix product. Ops with no deterministic CUDA
+    implementation (the backward of ms_deform_attn and of grid_sample) then raise on CUDA.
+    """
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
     if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
 
 
@@ -95,25 +107,41 @@ def resolve_num_classes(args: argparse.Namespace, datasets: list, logger: loggin
                          f"{needed - 1}, so it must be at least {needed} (or leave it out to derive it)")
 
 
-def apply_ssl_schedules(model: torch.nn.Module, criterion: torch.nn.Module, args: argparse.Namespace, epoch: int,
-                        logger: logging.Logger) -> None:
-    """Set this epoch's SSL loss weights (lambda, and the query patches' by the same factor) and the
-    masking/permutation ratio from their schedules."""
-    total = args.epochs
-    announce = epoch == args.start_epoch or "constant" not in (args.ssl_loss_schedule, args.ssl_ratio_schedule)
+def apply_ssl_schedules(model: torch.nn.Module, criterion: torch.nn.Module, args: argparse.Namespace, step: int,
+                        total_steps: int) -> None:
+    """Set the SSL loss weights (lambda, and the query patches' by the same factor) and the
+    masking/permutation ratio of optimizer step ``step`` of ``total_steps`` from their schedules."""
     if args.query_patches:
-        factor = schedule_value(args.ssl_loss_schedule, 1.0, epoch, total)
+        factor = schedule_value(args.ssl_loss_schedule, 1.0, step, total_steps)
         criterion.weight_dict.update(query_patch_weight_dict(args, factor))
-        if announce:
-            logger.info("epoch %d: query patches (%s, %d per image) with weight %.4g", epoch, args.ssl_mode,
-                        args.num_patches, args.query_patch_loss_coef * factor)
-    if model.ssl_head is None:
+    if model.ssl_head is not None:
+        criterion.weight_dict["loss_ssl"] = schedule_value(args.ssl_loss_schedule, args.ssl_loss_coef, step,
+                                                           total_steps)
+        model.ssl_head.ratio = schedule_value(args.ssl_ratio_schedule, args.ssl_ratio, step, total_steps)
+
+
+def announce_ssl_schedules(model: torch.nn.Module, criterion: torch.nn.Module, args: argparse.Namespace, epoch: int,
+                           step: int, total_steps: int, logger: logging.Logger) -> None:
+    """Log the scheduled values of ``step``, the first of ``epoch``: once for constant schedules,
+    every epoch for decaying ones (TensorBoard has them per step)."""
+    if epoch != args.start_epoch and args.ssl_loss_schedule == args.ssl_ratio_schedule == "constant":
         return
-    criterion.weight_dict["loss_ssl"] = schedule_value(args.ssl_loss_schedule, args.ssl_loss_coef, epoch, total)
-    model.ssl_head.ratio = schedule_value(args.ssl_ratio_schedule, args.ssl_ratio, epoch, total)
-    if announce:
+    if args.query_patches:
+        logger.info("epoch %d: query patches (%s, %d per image) with weight %.4g", epoch, args.ssl_mode,
+                    args.num_patches, schedule_value(args.ssl_loss_schedule, args.query_patch_loss_coef, step,
+                                                     total_steps))
+    if model.ssl_head is not None:
         logger.info("epoch %d: pretext task %s (%s) with lambda %.4g, ratio %.3g", epoch, args.ssl_task,
                     args.ssl_mode, criterion.weight_dict["loss_ssl"], model.ssl_head.ratio)
+
+
+def build_validation_dataset(args: argparse.Namespace, logger: logging.Logger):
+    """The images every evaluation runs on: the labelled ``--val_split`` for detection; for a
+    pre-training run ``--val_path``, else the ``--val_split`` of COCO-json data, else none."""
+    if args.ssl_mode == "pretrain" and args.dataset_file == "folder" and not args.val_path:
+        logger.info("pre-training without held-out images: no validation loss (pass --val_path DIR to get one)")
+        return None
+    return build_dataset("val", args)
 
 
 def describe_run(args: argparse.Namespace, info: dist.DistInfo, model: torch.nn.Module, logger: logging.Logger) -> None:
@@ -132,6 +160,10 @@ def run(args: argparse.Namespace) -> dict:
     """Train (or with ``--eval`` only evaluate) as configured; returns the last evaluation stats."""
     info = dist.init_distributed(resolve_device(args.device))
     args.device = str(info.device)
+    if args.deterministic and info.device.type == "cuda" and args.model == "deformable_detr" and not args.eval:
+        raise ValueError("--deterministic on CUDA: the backward of Deformable DETR's attention (CUDA kernel or "
+                         "grid_sample) adds gradients with atomics, so no CUDA run of it is bit-reproducible; train on "
+                         "the CPU (--device cpu) for bit-exact runs, or drop --deterministic")
     output_dir = Path(args.output_dir) if args.output_dir else None
     if output_dir and dist.is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +171,7 @@ def run(args: argparse.Namespace) -> dict:
     seed_everything(args.seed + info.rank, args.deterministic)
 
     detects = args.ssl_mode != "pretrain"  # pre-training has no detection targets to evaluate
-    dataset_val = build_dataset("val", args) if detects else None
+    dataset_val = build_validation_dataset(args, logger)
     dataset_train = None if args.eval else build_dataset("train", args)
     datasets = [d for d in (dataset_train, dataset_val) if d is not None]
     resolve_num_classes(args, datasets, logger)
@@ -151,6 +183,8 @@ def run(args: argparse.Namespace) -> dict:
     model, criterion, postprocessors = build_model(args)
     if args.pretrain:
         load_pretrained_encoder(model, args.pretrain, logger)
+    if args.finetune:
+        load_finetune(model, args.finetune, logger)
     model.to(info.device)
     criterion.to(info.device)
     model_without_ddp = model
@@ -166,27 +200,31 @@ def run(args: argparse.Namespace) -> dict:
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
         if args.eval:
-            load_model_state(model_without_ddp, checkpoint["model"], logger)
+            load_for_evaluation(model_without_ddp, checkpoint, args.resume, logger,
+                                hint=". --eval needs the flags of the run that wrote it (e.g. --config OUTPUT_DIR/config.yaml)")
             args.start_epoch = checkpoint.get("epoch", args.start_epoch)  # results are labelled with its epoch
         else:
-            start = resume_training(checkpoint, model_without_ddp, optimizer, lr_scheduler, logger)
-            args.start_epoch = args.start_epoch if start is None else start
-            if start is not None and "scaler" in checkpoint:
+            args.start_epoch = resume_training(checkpoint, model_without_ddp, optimizer, lr_scheduler, logger,
+                                               args.resume)
+            if "scaler" in checkpoint:
                 scaler.load_state_dict(checkpoint["scaler"])
-            if start is not None and "interrupted_at" in checkpoint:
+            if "interrupted_at" in checkpoint:
                 start_batch = checkpoint["interrupted_at"]["batches"]
-                logger.info("epoch %d stopped after %d batches (%s): it continues from there", start, start_batch,
-                            checkpoint["interrupted_at"]["reason"])
+                logger.info("epoch %d stopped after %d batches (%s): it continues from there", args.start_epoch,
+                            start_batch, checkpoint["interrupted_at"]["reason"])
             logger.info("resumed from %s", args.resume)
 
     loader_val = None if dataset_val is None else build_loader(dataset_val, args, train=False, collate_fn=collate_fn,
                                                                rank=info.rank, world_size=info.world_size)
-    coco_gt = None if dataset_val is None else get_coco_api(dataset_val)
     tb = TensorBoardLogger(args.output_dir if dist.is_main_process() else None, enabled=args.tensorboard)
-    eval_kwargs = dict(coco_gt=coco_gt, device=info.device, args=args, output_dir=output_dir, tb=tb, logger=logger)
+    if detects:
+        validate = partial(evaluate, postprocessors=postprocessors, coco_gt=get_coco_api(dataset_val),
+                           device=info.device, args=args, output_dir=output_dir, tb=tb, logger=logger)
+    else:
+        validate = partial(evaluate_pretext, device=info.device, args=args, tb=tb, logger=logger)
     try:
         if args.eval:
-            return evaluate(model, criterion, postprocessors, loader_val, epoch=args.start_epoch, **eval_kwargs)
+            return validate(model, criterion, data_loader=loader_val, epoch=args.start_epoch)
         loader_train = build_loader(dataset_train, args, train=True, collate_fn=collate_fn, rank=info.rank,
                                     world_size=info.world_size)
         if detects and args.val_split == args.train_split and args.dataset_file != "folder":
@@ -194,7 +232,7 @@ def run(args: argparse.Namespace) -> dict:
                            "check), not generalisation", args.train_split)
         training = TrainingRun(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
                                scaler, output_dir, tb, logger, categories)
-        stats = train(training, loader_train, loader_val, eval_kwargs, start_batch)
+        stats = train(training, loader_train, loader_val, validate, start_batch)
         report_outputs(output_dir, args.tensorboard, logger)
         return stats
     finally:
@@ -202,7 +240,7 @@ def run(args: argparse.Namespace) -> dict:
         dist.cleanup()
 
 
-def train(training: TrainingRun, loader_train, loader_val, eval_kwargs: dict, start_batch: int = 0) -> dict:
+def train(training: TrainingRun, loader_train, loader_val, validate: Callable[..., dict], start_batch: int = 0) -> dict:
     """The epoch loop: train, step the schedule, checkpoint, evaluate, log.
 
     The first epoch starts at ``start_batch`` (a resumed mid-epoch stop). SIGTERM, SIGINT or
@@ -214,8 +252,9 @@ def train(training: TrainingRun, loader_train, loader_val, eval_kwargs: dict, st
     stats: dict = {}
     if args.start_epoch >= args.epochs:
         logger.warning("start epoch %d >= --epochs %d: nothing to train", args.start_epoch, args.epochs)
-    device = eval_kwargs["device"]
+    device = torch.device(args.device)
     bad_steps = BadSteps(args.max_bad_steps)
+    schedule = partial(apply_ssl_schedules, training.module, training.criterion, args)
     with stop_on_signals(logger) as stop:
         logger.info("training from epoch %d to %d on %d images", args.start_epoch, args.epochs - 1,
                     len(loader_train.dataset))
@@ -227,10 +266,13 @@ def train(training: TrainingRun, loader_train, loader_val, eval_kwargs: dict, st
                     raise Interrupted(signum, epoch, first_batch)
                 started = time.time()
                 set_epoch(loader_train, epoch, args.seed, first_batch)
-                apply_ssl_schedules(training.module, training.criterion, args, epoch, logger)
+                epoch_steps = steps_per_epoch(loader_train, args, first_batch)
+                first_step, total_steps = epoch * epoch_steps + first_batch // args.accum_steps, args.epochs * epoch_steps
+                schedule(first_step, total_steps)
+                announce_ssl_schedules(training.module, training.criterion, args, epoch, first_step, total_steps, logger)
                 train_stats = train_one_epoch(training.model, training.criterion, loader_train, training.optimizer,
                                               device, epoch, args, training.tb, logger, training.scaler, first_batch,
-                                              stop, bad_steps)
+                                              stop, bad_steps, schedule)
                 training.lr_scheduler.step()
                 if output_dir:
                     state = training.checkpoint_state(epoch)  # collective
@@ -239,8 +281,7 @@ def train(training: TrainingRun, loader_train, loader_val, eval_kwargs: dict, st
                 evaluated = loader_val is not None and ((epoch + 1) % args.eval_every == 0
                                                         or epoch == args.epochs - 1)
                 if evaluated:
-                    stats = evaluate(training.model, training.criterion, training.postprocessors, loader_val,
-                                     epoch=epoch, **eval_kwargs)
+                    stats = validate(training.model, training.criterion, data_loader=loader_val, epoch=epoch)
                 log_epoch(epoch, train_stats, stats if evaluated else {}, time.time() - started, output_dir, logger)
         except StopTraining as stopped:
             save_stopped_checkpoint(training, stopped)
@@ -286,9 +327,12 @@ def report_outputs(output_dir: Path | None, tensorboard: bool, logger: logging.L
 def log_epoch(epoch: int, train_stats: dict, eval_stats: dict, seconds: float, output_dir: Path | None,
               logger: logging.Logger) -> None:
     """One JSON line per epoch in OUTPUT_DIR/log.jsonl (as the official log.txt); a console line after evaluations."""
-    if eval_stats:
+    if "AP" in eval_stats:
         logger.info("epoch %d done in %.1f s: train loss %.4f, val AP %.4f, AP50 %.4f", epoch, seconds,
                     train_stats.get("loss", float("nan")), eval_stats["AP"], eval_stats["AP50"])
+    elif eval_stats:
+        logger.info("epoch %d done in %.1f s: train loss %.4f, val loss %.4f", epoch, seconds,
+                    train_stats.get("loss", float("nan")), eval_stats["loss"])
     if output_dir and dist.is_main_process():
         record = {"epoch": epoch, "seconds": round(seconds, 1),
                   **{f"train_{k}": v for k, v in train_stats.items()},

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Callable, Iterable, Mapping, Sized
 from contextlib import nullcontext
 from itertools import islice
 from typing import Any
@@ -41,6 +41,11 @@ def batch_limit(data_loader: Sized, limit: int | None, start: int = 0) -> int:
     """
     total = start + len(data_loader)
     return total if limit is None else min(total, limit)
+
+
+def steps_per_epoch(data_loader: Sized, args: argparse.Namespace, start: int = 0) -> int:
+    """Optimizer steps of a whole training epoch (``start``: where a resumed loader begins)."""
+    return math.ceil(batch_limit(data_loader, args.limit_train_batches, start) / args.accum_steps)
 
 
 def image_ids(targets: Targets) -> list[int]:
@@ -102,25 +107,27 @@ def _skip_step(model: nn.Module, optimizer: torch.optim.Optimizer, buffers: list
 
 
 @torch.no_grad()
-def log_ssl_images(model: nn.Module, ssl_outputs: dict[str, Any], tb: TensorBoardLogger, step: int) -> None:
-    """The pretext task's grid (input, corrupted input, prediction, target) to TensorBoard."""
+def log_ssl_images(model: nn.Module, ssl_outputs: dict[str, Any], tb: TensorBoardLogger, step: int,
+                   prefix: str = "") -> None:
+    """The pretext task's grid (input, corrupted input, prediction, target) to TensorBoard
+    (``prefix`` 'val/' for validation images)."""
     task = (model.module if isinstance(model, DistributedDataParallel) else model).ssl_head
     grid = task.visualize(ssl_outputs["images"], ssl_outputs["corrupted"], ssl_outputs["prediction"],
                           ssl_outputs["targets"], ssl_outputs["valid"])
-    tb.images(f"ssl/{type(task).name}", grid, step, rows=4)
+    tb.images(f"{prefix}ssl/{type(task).name}", grid, step, rows=4)
 
 
 @torch.no_grad()
-def log_patch_images(patch_outputs: dict[str, Any], tb: TensorBoardLogger, step: int) -> None:
+def log_patch_images(patch_outputs: dict[str, Any], tb: TensorBoardLogger, step: int, prefix: str = "") -> None:
     """UP-DETR pictures: the crops fed as queries, and each image with its crop boxes (green) and
-    the box its query group found for each crop (red)."""
+    the box its query group found for each crop (red); ``prefix`` 'val/' for validation images."""
     num_images = min(len(patch_outputs["targets"]), 2)
     num_patches = len(patch_outputs["targets"][0]["boxes"])
-    tb.images("ssl/query_patches", draw_patches(patch_outputs["patches"], num_images, num_patches), step,
+    tb.images(f"{prefix}ssl/query_patches", draw_patches(patch_outputs["patches"], num_images, num_patches), step,
               rows=num_images)
     pictures = draw_patch_localisation(patch_outputs["images"], patch_outputs["sizes"], patch_outputs["targets"],
                                        patch_outputs["object_scores"], patch_outputs["pred_boxes"], num_images)
-    tb.images("ssl/query_patch_boxes", pictures, step, rows=1)
+    tb.images(f"{prefix}ssl/query_patch_boxes", pictures, step, rows=1)
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip_max_norm: float,
@@ -148,6 +155,7 @@ def train_one_epoch(
     start_batch: int = 0,
     stop: StopRequest | None = None,
     bad_steps: BadSteps | None = None,
+    schedule: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """Train for one epoch and return the epoch means of the losses (and the learning rate).
 
@@ -159,7 +167,9 @@ def train_one_epoch(
     A window with a non-finite loss makes no update; ``args.max_bad_steps`` such steps in a row
     (counted in ``bad_steps`` across epochs) raise ``TooManyBadSteps``. A stop signal noted in
     ``stop`` raises ``Interrupted`` after the optimizer step in progress. Images that
-    ``--skip_bad_samples`` replaced are logged once, at the end of the epoch.
+    ``--skip_bad_samples`` replaced are logged once, at the end of the epoch. ``schedule(step,
+    total_steps)`` sets the scheduled values (SSL weights, ratio) before each optimizer step's
+    window, counted over the whole run.
     """
     model.train()
     criterion.train()
@@ -168,7 +178,7 @@ def train_one_epoch(
         bad_steps = BadSteps(args.max_bad_steps)
     skipped_before = bad_steps.total
     num_batches = batch_limit(data_loader, args.limit_train_batches, start_batch)
-    steps_per_epoch = math.ceil(num_batches / args.accum_steps)
+    epoch_steps = steps_per_epoch(data_loader, args, start_batch)
     lr = optimizer.param_groups[0]["lr"]
     epoch_meter, window_meter = MetricTracker(), MetricTracker()
     buffers, window_is_bad = None, False
@@ -178,6 +188,9 @@ def train_one_epoch(
                     initial=start_batch, total=num_batches, desc=f"epoch {epoch} train",
                     disable=not is_main_process(), dynamic_ncols=True, leave=False)
     for index, (samples, targets) in progress:
+        step = epoch * epoch_steps + index // args.accum_steps
+        if schedule is not None and index % args.accum_steps == 0:
+            schedule(step, args.epochs * epoch_steps)
         samples, targets = to_device(samples, targets, device)
         skipped.extend(skipped_in(targets))
         window, steps_now = _accumulation_window(index, args.accum_steps, num_batches)
@@ -197,7 +210,6 @@ def train_one_epoch(
         else:
             _warn_non_finite(losses, epoch, index, targets, logger)
             window_is_bad = True
-        step = epoch * steps_per_epoch + index // args.accum_steps
         pictures = "ssl_outputs" in outputs or "patch_outputs" in outputs
         if pictures and tb.active and args.vis_every and index % args.vis_every == 0:
             if "ssl_outputs" in outputs:

@@ -187,7 +187,7 @@ def _class_coef(args) -> float:
 
 def query_patch_weight_dict(args, scale: float = 1.0) -> dict[str, float]:
     """Weights of the UP-DETR losses: the detection weights (and 1 for ``--feature_recon``), times
-    ``--query_patch_loss_coef`` and ``scale`` (the --ssl_loss_schedule factor of the epoch)."""
+    ``--query_patch_loss_coef`` and ``scale`` (the --ssl_loss_schedule factor of the step)."""
     last_layer = {"loss_ce": _class_coef(args), "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
     if args.feature_recon:
         last_layer["loss_feature"] = 1.0
@@ -201,7 +201,7 @@ def detection_weight_dict(args) -> dict[str, float]:
     last_layer = {"loss_ce": _class_coef(args), "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
     weights = _set_weights(args, last_layer, proposals=getattr(args, "two_stage", False))
     if args.ssl_task != "none":
-        weights["loss_ssl"] = args.ssl_loss_coef  # lambda; a --ssl_loss_schedule updates it every epoch
+        weights["loss_ssl"] = args.ssl_loss_coef  # lambda; a --ssl_loss_schedule updates it every optimizer step
     if getattr(args, "query_patches", False):
         weights.update(query_patch_weight_dict(args))
     return weights
