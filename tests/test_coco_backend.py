@@ -93,3 +93,21 @@ def test_choosing_faster_coco_eval_without_the_package_stops_at_parsing(monkeypa
     with pytest.raises(SystemExit):
         parse_args(["--coco_eval_backend", "faster_coco_eval"])
     assert "faster-coco-eval package is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(REAL_SETS))
+def test_our_summary_rows_equal_cocoeval_summarize_at_default_settings(name):
+    """With maxDets 100 and COCO's area ranges our 12 rows are pycocotools' own summarize()."""
+    from pycocotools.cocoeval import COCOeval
+
+    coco = load(REAL_SETS[name])
+    found = detections(coco, seed=1)
+    stats, _ = coco_bbox_stats(coco, found, 100, LOGGER)
+    with redirect_stdout(io.StringIO()):
+        reference = COCOeval(coco, coco.loadRes([r for results in found.values() for r in results]), "bbox")
+        reference.params.imgIds = sorted(found)
+        reference.evaluate()
+        reference.accumulate()
+        reference.summarize()
+    assert len(stats) == 12 and any(0 < s < 1 for s in stats)
+    assert stats == pytest.approx(list(reference.stats), abs=1e-12)

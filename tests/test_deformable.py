@@ -197,3 +197,11 @@ def test_amp_loss_is_close_to_float32_loss(coco_batch, backend):
 
     full, mixed = total_loss(False), total_loss(True)
     assert mixed == pytest.approx(full, rel=0.02)
+
+
+def test_two_stage_with_more_queries_than_encoder_tokens_says_what_to_change(coco_images):
+    args = parse_args([*TINY, "--with_box_refine", "--two_stage", "--num_queries", "900"])
+    model, _, _ = build_model(args)
+    small = torch.nn.functional.interpolate(coco_images[0][None], size=(96, 128))[0]  # 252 tokens on 3 levels
+    with pytest.raises(ValueError, match=r"picks 900 proposals .* give only \d+: use larger images"):
+        model.eval()([small])

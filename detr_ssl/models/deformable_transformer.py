@@ -308,6 +308,10 @@ class DeformableTransformer(nn.Module):
         batch, _, channels = memory.shape
         out: dict[str, Tensor] = {}
         if self.two_stage:
+            if memory.shape[1] < self.two_stage_num_proposals:
+                raise ValueError(f"two-stage Deformable DETR picks {self.two_stage_num_proposals} proposals from the "
+                                 f"encoder tokens, but the images of this batch give only {memory.shape[1]}: use "
+                                 "larger images (--min_size) or fewer --num_queries")
             output_memory, proposals = self.encoder_proposals(memory, flat["mask"], flat["spatial_shapes"])
             layer = self.decoder.num_layers
             out["enc_class"] = self.decoder.class_embed[layer](output_memory)
