@@ -26,6 +26,15 @@ SSL_TASKS = ("none", "reconstruction", "mim_continuous", "mim_discrete", "jigsaw
 SCHEDULES = ("constant", "linear", "cosine")
 COCO_EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")
 
+# What builds the model and prepares its input: `--eval --resume CKPT` takes these from the
+# checkpoint's saved configuration unless the user gives them.
+ARCHITECTURE_FLAGS = (
+    "model", "backbone", "backbone_norm", "dilation", "position_embedding", "enc_layers", "dec_layers",
+    "dim_feedforward", "hidden_dim", "nheads", "num_queries", "pre_norm", "aux_loss", "num_classes",
+    "num_feature_levels", "enc_n_points", "dec_n_points", "with_box_refine", "two_stage", "ssl_task", "ssl_mode",
+    "ssl_levels", "query_patches", "num_patches", "feature_recon", "min_size", "max_size",
+)
+
 # COCOeval's own object-size ranges (areas in px^2; 'inf' stands for its 1e5 ** 2).
 COCO_AREA_RANGES = "small=0:1024,medium=1024:9216,large=9216:inf"
 AREA_UNBOUNDED = 1e5 ** 2
@@ -125,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval_every", type=int, default=1, metavar="N", help="evaluate every N epochs during training (always after the last)")
     add("--num_workers", type=int, default=2, help="data-loading worker processes per training process")
     add("--deterministic", action="store_true", help="bit-reproducible CPU runs (deterministic algorithms, seeded workers)")
+    add("--debug", action="store_true",
+        help="show the full traceback of expected errors (bad files, data or flags), which are otherwise one line")
     add("--tensorboard", action=bool_flag, default=True, help="write TensorBoard event files to OUTPUT_DIR/tensorboard")
     add("--keep_last", type=int, default=2, metavar="K", help="also keep the last K per-epoch checkpoints checkpointNNNN.pth (0: only checkpoint.pth)")
     add("--limit_train_batches", type=int, default=None, metavar="N", help="at most N training batches per epoch (smoke runs, tests)")
@@ -428,12 +439,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` (default: ``sys.argv[1:]``) into a validated, fully resolved namespace.
 
     Order of precedence: parser defaults < model defaults < YAML ``--config`` < CLI flags.
+    ``args.given`` lists the flags that YAML or CLI set (the rest are defaults).
     """
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        parser.set_defaults(**load_yaml_config(parser, pre.config))
+    from_yaml = load_yaml_config(parser, pre.config) if pre.config else {}
+    parser.set_defaults(**from_yaml)
     args = parser.parse_args(argv)
+    args.given = sorted({*from_yaml, *_flags_on_command_line(argv)})
     if args.ssl_task == "updetr":  # a shorthand: query patches, no encoder task
         args.ssl_task, args.query_patches = "none", True
     if args.fre_cnn:
@@ -452,7 +465,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _flags_on_command_line(argv: list[str] | None) -> set[str]:
+    """The destinations of the flags ``argv`` itself sets (not their defaults)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
 def save_config(args: argparse.Namespace, path: str | os.PathLike) -> None:
     """Write the resolved configuration as YAML that ``--config`` reads back."""
-    values = {k: v for k, v in sorted(vars(args).items()) if k != "config"}
+    values = {k: v for k, v in sorted(vars(args).items()) if k not in ("config", "given")}
     Path(path).write_text(yaml.safe_dump(values, sort_keys=False))

@@ -23,6 +23,19 @@ SAMPLE_ROOT = REPO_ROOT / "data" / "sample"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+def cli_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Run ``main(argv)``, which must stop with exit code 2 and one ``error: ...`` line on stderr
+    (no traceback); return that line."""
+    from detr_ssl.__main__ import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert stopped.value.code == 2 and lines and "Traceback" not in err, err[-3000:]
+    return lines[-1]
+
+
 def load_script(name: str) -> ModuleType:
     """Import ``scripts/NAME.py`` (scripts are not a package) as module ``NAME``."""
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")

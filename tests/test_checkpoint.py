@@ -269,7 +269,7 @@ def _not_checkpoints(tmp_path, sample_root):
     torch.save([torch.zeros(2)], tmp_path / "list.pth")
     (tmp_path / "empty.pth").write_bytes(b"")
     return [(image, "a JPEG image"), (truncated, "truncated or damaged"), (tmp_path / "config.yaml", "a text file"),
-            (tmp_path / "notes.txt", "a text file"), (tmp_path / "data.pkl", "a pickle that is not a torch checkpoint"),
+            (tmp_path / "notes.txt", "a text file"), (tmp_path / "data.pkl", "a plain pickle, not written by torch.save"),
             (tmp_path / "list.pth", "it holds a list, not a dict"), (tmp_path / "empty.pth", "an empty file")]
 
 

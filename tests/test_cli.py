@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ import torch
 import yaml
 
 from detr_ssl.__main__ import main
+from conftest import cli_error
 from detr_ssl.config import parse_args
+from detr_ssl.engine.runner import run
 from detr_ssl.engine.checkpoint import CheckpointMismatchError, NotACheckpointError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -64,19 +67,37 @@ def test_eval_of_a_checkpoint_repeats_the_runs_last_evaluation_under_its_epoch(t
     assert "epoch 1 val" in (tmp_path / "eval" / "log.txt").read_text()
 
 
-def test_checkpoints_that_do_not_fit_stop_eval_and_resume_and_finetune_starts_a_new_run(tmp_path):
+def test_eval_builds_the_checkpoints_model_from_its_saved_configuration(tmp_path):
+    """The README's eval line with no architecture flags: a ResNet-18 checkpoint is evaluated as
+    one (not as the default ResNet-50, and with nothing downloaded)."""
+    flags = ["--limit_val_batches", "2", "--no-tensorboard"]
+    run_cli(tmp_path / "train", "--epochs", "1", "--limit_train_batches", "1", *flags)
+    main(["--data_path", str(SAMPLE), "--device", "cpu", "--num_workers", "0", "--eval", "--resume",
+          str(tmp_path / "train" / "checkpoint.pth"), "--output_dir", str(tmp_path / "eval"), *flags])
+    log = (tmp_path / "eval" / "log.txt").read_text()
+    assert "--eval: from the checkpoint's configuration: " in log
+    adopted = log.split("--eval: from the checkpoint's configuration: ")[1].split("\n")[0]
+    assert all(flag in adopted for flag in ("--backbone resnet18", "--hidden_dim 64", "--num_queries 10",
+                                            "--min_size 128", "--backbone_weights none"))
+    evaluated = json.loads((tmp_path / "eval" / "results_0000.json").read_text())
+    assert evaluated == json.loads((tmp_path / "train" / "results_0000.json").read_text())
+
+
+def test_checkpoints_that_do_not_fit_stop_eval_and_resume_and_finetune_starts_a_new_run(tmp_path, capsys):
     """--eval and --resume never run a partly random model; --finetune is the way to other flags."""
     flags = ["--limit_train_batches", "1", "--limit_val_batches", "1", "--no-tensorboard"]
     run_cli(tmp_path / "train", "--epochs", "1", *flags)
     checkpoint = str(tmp_path / "train" / "checkpoint.pth")
     other_model = ["--num_queries", "12", "--dec_layers", "3"]
 
-    with pytest.raises(CheckpointMismatchError, match=r"query_embed\.weight \(checkpoint 10x64, model 12x64\).*"
-                                                      r"missing in the checkpoint: transformer\.decoder\.layers\.2"):
-        run_cli(tmp_path / "eval", "--eval", "--resume", checkpoint, *other_model, *flags)
+    error = cli_error(capsys, [*SMALL, "--output_dir", str(tmp_path / "eval"), "--eval", "--resume", checkpoint,
+                               *other_model, *flags])
+    assert re.search(r"query_embed\.weight \(checkpoint 10x64, model 12x64\).*missing in the checkpoint: "
+                     r"transformer\.decoder\.layers\.2", error), error
     assert not list((tmp_path / "eval").glob("results_*.json"))
     with pytest.raises(CheckpointMismatchError, match=r"--resume .*query_embed\.weight.*--finetune"):
-        run_cli(tmp_path / "resumed", "--epochs", "2", "--resume", checkpoint, *other_model, *flags)
+        run(parse_args([*SMALL, "--output_dir", str(tmp_path / "resumed"), "--epochs", "2", "--resume", checkpoint,
+                        *other_model, *flags]))
     assert not (tmp_path / "resumed" / "checkpoint.pth").exists()
 
     run_cli(tmp_path / "fine", "--epochs", "1", "--finetune", checkpoint, *other_model, *flags)
@@ -89,22 +110,24 @@ def test_checkpoints_that_do_not_fit_stop_eval_and_resume_and_finetune_starts_a_
     assert fine["epoch"] == 0 and fine["model"]["query_embed.weight"].shape == (12, 64)
 
 
-def test_a_weights_only_checkpoint_is_refused_by_resume_and_loads_with_finetune(tmp_path):
+def test_a_weights_only_checkpoint_is_refused_by_resume_and_loads_with_finetune(tmp_path, capsys):
     flags = ["--epochs", "1", "--limit_train_batches", "1", "--limit_val_batches", "1", "--no-tensorboard"]
     run_cli(tmp_path / "train", *flags)
     weights = tmp_path / "weights.pth"
     torch.save({"model": torch.load(tmp_path / "train" / "checkpoint.pth", weights_only=True)["model"]}, weights)
-    with pytest.raises(NotACheckpointError, match="no training state.*--finetune"):
-        run_cli(tmp_path / "resumed", "--resume", str(weights), *flags)
+    error = cli_error(capsys, [*SMALL, "--output_dir", str(tmp_path / "resumed"), "--resume", str(weights), *flags])
+    assert "no training state" in error and "--finetune" in error
     run_cli(tmp_path / "fine", "--finetune", str(weights), *flags)
     assert "--finetune" in (tmp_path / "fine" / "log.txt").read_text()
 
 
-def test_eval_of_a_text_file_says_it_is_not_a_checkpoint(tmp_path):
+def test_eval_of_a_text_file_says_in_one_line_that_it_is_not_a_checkpoint(tmp_path, capsys):
     notes = tmp_path / "notes.yaml"
     notes.write_text("epochs: 3\n")
-    with pytest.raises(NotACheckpointError, match=r"notes\.yaml is not a checkpoint: it is a text file"):
-        run_cli(tmp_path / "eval", "--eval", "--resume", str(notes))
+    error = cli_error(capsys, [*SMALL, "--output_dir", str(tmp_path / "eval"), "--eval", "--resume", str(notes)])
+    assert error.startswith(f"error: {notes} is not a checkpoint: it is a text file"), error
+    with pytest.raises(NotACheckpointError):  # --debug: the exception itself, with its traceback
+        main([*SMALL, "--output_dir", str(tmp_path / "eval"), "--eval", "--resume", str(notes), "--debug"])
 
 
 @pytest.mark.parametrize("model_flags", [[], DEFORMABLE, ["--ssl_task", "mim_continuous"]],
@@ -185,6 +208,6 @@ def test_cli_flags_override_yaml_which_overrides_defaults(tmp_path):
     assert args.num_queries == 100 and args.lr_backbone == 1e-5  # official DETR defaults
 
 
-def test_too_small_num_classes_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="--num_classes 10 is too small"):
-        run_cli(tmp_path, "--num_classes", "10", "--epochs", "1", "--limit_train_batches", "1")
+def test_too_small_num_classes_is_refused(tmp_path, capsys):
+    error = cli_error(capsys, [*SMALL, "--output_dir", str(tmp_path), "--num_classes", "10", "--epochs", "1"])
+    assert "--num_classes 10 is too small" in error

@@ -76,7 +76,9 @@ def test_benchmark_train_reports_gpu_figures(capsys, amp):
 
 
 def test_deterministic_deformable_training_on_cuda_is_refused_before_any_work(tmp_path):
+    from detr_ssl.engine.runner import run
+
     with pytest.raises(ValueError, match="--deterministic on CUDA: the backward of Deformable DETR's attention"):
-        main([*TINY, *MODELS["deformable_detr"], "--device", "cuda", "--deterministic", "--data_path", str(SAMPLE),
-              "--output_dir", str(tmp_path), "--epochs", "1", "--limit_train_batches", "1"])
+        run(parse_args([*TINY, *MODELS["deformable_detr"], "--device", "cuda", "--deterministic", "--data_path",
+                        str(SAMPLE), "--output_dir", str(tmp_path), "--epochs", "1", "--limit_train_batches", "1"]))
     assert not (tmp_path / "checkpoint.pth").exists()

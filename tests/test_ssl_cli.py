@@ -175,15 +175,19 @@ def seeded_training_setup(flags: list[str]) -> tuple[torch.nn.Module, torch.nn.M
 @pytest.mark.parametrize("model_flags", [[], DEFORMABLE], ids=["detr", "deformable_detr"])
 @pytest.mark.parametrize("task", ["reconstruction", "mim_continuous", "jigsaw_continuous"])
 def test_ssl_loss_trains_the_encoder_and_backbone_and_falls(coco_batch, model_flags, task):
-    """Pre-training through the whole model on real images: gradients reach encoder and backbone,
-    and the SSL loss falls over a few dozen steps."""
+    """Pre-training through the whole model on real images: the model corrupts its own input, the
+    head learns from the encoder tokens of that corrupted input (gradients reach encoder and
+    backbone), and the SSL loss falls over a few dozen steps."""
     model, criterion, optimizer = seeded_training_setup([*model_flags, "--ssl_task", task, "--ssl_mode", "pretrain",
                                                          "--num_classes", "91", "--lr_backbone", "1e-3"])
     samples, targets = coco_batch
     losses = []
     for step in range(40):
-        loss_dict = criterion(model(samples), targets)
+        outputs = model(samples)
+        loss_dict = criterion(outputs, targets)
         assert set(loss_dict) == {"loss_ssl"}
+        corrupted = not torch.equal(outputs["ssl_outputs"]["corrupted"], outputs["ssl_outputs"]["images"])
+        assert corrupted == (task != "reconstruction")
         optimizer.zero_grad()
         loss_dict["loss_ssl"].backward()
         if step == 0:

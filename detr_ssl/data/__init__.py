@@ -12,6 +12,7 @@ from detr_ssl.data.coco import CocoDetection, split_paths
 from detr_ssl.data.folder import ImageFolder
 from detr_ssl.data.isaid import IsaidDetection
 from detr_ssl.data.transforms import build_transforms
+from detr_ssl.utils.errors import ConfigError
 from detr_ssl.utils.misc import NestedTensor, nested_tensor_from_tensor_list
 
 __all__ = ["build_dataset", "collate_fn", "num_classes_of", "category_names_of", "get_coco_api", "build_transforms",
@@ -27,7 +28,7 @@ def build_dataset(image_set: str, args: argparse.Namespace) -> Dataset:
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
     if args.data_path is None:
-        raise ValueError("no dataset given: pass --data_path ROOT (see data/README.md, section 'Data layouts')")
+        raise ConfigError("no dataset given: pass --data_path ROOT (see data/README.md, section 'Data layouts')")
     transforms = build_transforms(image_set, args.min_size, args.max_size, args.augment)
     if image_set == "val" and getattr(args, "val_path", None):  # held-out images of a pre-training run
         return ImageFolder(args.val_path, transforms, skip_bad=args.skip_bad_samples)
@@ -35,7 +36,7 @@ def build_dataset(image_set: str, args: argparse.Namespace) -> Dataset:
         return ImageFolder(args.data_path, transforms, skip_bad=args.skip_bad_samples)
     if args.dataset_file not in DETECTION_DATASETS:
         known = ", ".join([*DETECTION_DATASETS, "folder"])
-        raise ValueError(f"unknown --dataset_file {args.dataset_file!r}; known: {known}")
+        raise ConfigError(f"unknown --dataset_file {args.dataset_file!r}; known: {known}")
     split = args.train_split if image_set == "train" else args.val_split
     img_folder, ann_file = split_paths(args.data_path, split)
     return DETECTION_DATASETS[args.dataset_file](img_folder, ann_file, transforms,

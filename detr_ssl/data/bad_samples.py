@@ -12,12 +12,14 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from detr_ssl.utils.errors import UserError
+
 SKIPPED = "skipped"  # target key: messages about the bad samples replaced by this one
 
 Sample = tuple[Any, dict[str, Any]]
 
 
-class BadSampleError(Exception):
+class BadSampleError(UserError):
     """One image or record that cannot be used; the message names the file and the record."""
 
 

@@ -30,6 +30,7 @@ from torchvision.ops import box_convert, clip_boxes_to_image
 
 from detr_ssl.data.bad_samples import ImageSizeError, MissingImageError, UnreadableImageError, first_good
 from detr_ssl.data.transforms import xyxy_boxes
+from detr_ssl.utils.errors import DataError, MissingFileError
 from detr_ssl.utils.logging import LOGGER_NAME
 
 LAYOUT_HELP = "see data/README.md, section 'Data layouts'"
@@ -46,10 +47,10 @@ def split_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     for img_folder, ann_file in candidates:
         if ann_file.is_file():
             if not img_folder.is_dir():
-                raise FileNotFoundError(f"{ann_file} exists but its image folder {img_folder} does not; {LAYOUT_HELP}")
+                raise MissingFileError(f"{ann_file} exists but its image folder {img_folder} does not; {LAYOUT_HELP}")
             return img_folder, ann_file
     looked = " and ".join(str(ann_file) for _, ann_file in candidates)
-    raise FileNotFoundError(f"no annotations for split '{split}': looked for {looked}; {LAYOUT_HELP}")
+    raise MissingFileError(f"no annotations for split '{split}': looked for {looked}; {LAYOUT_HELP}")
 
 
 def _listing(items: list[str], sep: str = "; ") -> str:
@@ -112,7 +113,7 @@ def validate_annotations(coco: COCO, ann_file: Path, skip_bad: bool = False) -> 
     ]
     errors = [f"{ann_file}: {len(items)} {what}: {_listing(items)}" for items, what in kinds if items]
     if errors and not skip_bad:
-        raise ValueError("bad records (fix the file, or pass --skip_bad_samples to skip and log them):\n"
+        raise DataError("bad records (fix the file, or pass --skip_bad_samples to skip and log them):\n"
                          + "\n".join(errors))
     if empty:
         warnings.warn(
@@ -148,16 +149,16 @@ class CocoDetection(torchvision.datasets.CocoDetection):
         self.ann_file = Path(ann_file)
         self.skip_bad = skip_bad
         if self.ann_file.is_file() and self.ann_file.stat().st_size == 0:
-            raise ValueError(f"{ann_file}: empty file (0 bytes), expected COCO json with 'images', 'annotations' "
+            raise DataError(f"{ann_file}: empty file (0 bytes), expected COCO json with 'images', 'annotations' "
                              "and 'categories'; re-run the converter that wrote it (--skip_bad_samples skips "
                              "records, not a whole file)")
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
                 super().__init__(str(img_folder), str(ann_file), transforms=transforms)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{ann_file}: not valid JSON: {err}") from err
+            raise DataError(f"{ann_file}: not valid JSON: {err}") from err
         if not self.coco.dataset.get("images"):
-            raise ValueError(f"{ann_file}: no images listed under 'images' (--skip_bad_samples skips records, "
+            raise DataError(f"{ann_file}: no images listed under 'images' (--skip_bad_samples skips records, "
                              "not a whole file)")
         self.check_categories()
         scan = validate_annotations(self.coco, self.ann_file, skip_bad)
@@ -175,7 +176,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
     def num_classes(self) -> int:
         """Classifier size: largest category id + 1, as the official DETR code (COCO: 91)."""
         if not self.coco.cats:
-            raise ValueError(f"{self.ann_file}: no categories listed")
+            raise DataError(f"{self.ann_file}: no categories listed")
         return max(self.coco.cats) + 1
 
     def _skip(self, scan: AnnotationScan) -> None:
@@ -200,7 +201,7 @@ class CocoDetection(torchvision.datasets.CocoDetection):
             "%s: --skip_bad_samples skipped %d image(s) (with their annotations) and %d annotation(s):\n%s",
             self.ann_file, len(bad_images), len(bad_anns), "\n".join(f"  {message}" for message in self.skipped))
         if not self.ids:
-            raise ValueError(f"{self.ann_file}: every image was skipped as bad, nothing is left (see the log)")
+            raise DataError(f"{self.ann_file}: every image was skipped as bad, nothing is left (see the log)")
 
     def _annotations(self, image_id: int) -> list[dict[str, Any]]:
         return [

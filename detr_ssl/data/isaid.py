@@ -10,6 +10,7 @@ a checkpoint's class indices would silently mean other classes.
 from __future__ import annotations
 
 from detr_ssl.data.coco import CocoDetection
+from detr_ssl.utils.errors import DataError
 
 ISAID_CATEGORIES: dict[int, str] = {
     1: "ship",
@@ -47,7 +48,7 @@ class IsaidDetection(CocoDetection):
         if wrong or not self.coco.cats:
             expected = ", ".join(f"{i} {name}" for i, name in ISAID_CATEGORIES.items())
             found = f"categories not in iSAID: {', '.join(wrong)}" if wrong else "no categories listed"
-            raise ValueError(f"{self.ann_file}: --dataset_file isaid expects the official iSAID categories "
+            raise DataError(f"{self.ann_file}: --dataset_file isaid expects the official iSAID categories "
                              f"({expected}); {found}. Prepare the data with scripts/prepare_isaid.py, or use "
                              "--dataset_file coco for other class lists")
 

@@ -24,20 +24,21 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from detr_ssl.utils.dist import all_gather_object, get_rank, get_world_size
+from detr_ssl.utils.errors import MissingFileError, UserError
 
 LATEST = "checkpoint.pth"
 _EPOCH_FILE = re.compile(r"checkpoint(\d{4,})\.pth")
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(UserError, RuntimeError):
     """The file needs code beyond tensors and plain values to load, and was refused."""
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     """A strict load found keys or shapes that differ between checkpoint and model."""
 
 
-class NotACheckpointError(ValueError):
+class NotACheckpointError(UserError, ValueError):
     """The file is not a checkpoint (an image, a text file, a truncated file, another pickle)."""
 
 
@@ -191,7 +192,7 @@ def _describe_file(path: Path) -> str:
     if head.startswith(b"PK\x03\x04"):
         return "a zip archive that torch cannot read (truncated or damaged while copying?)"
     if head.startswith(b"\x80"):
-        return "a pickle that is not a torch checkpoint, or a truncated one"
+        return "a plain pickle, not written by torch.save (it was not unpickled: that would be unsafe)"
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError:
@@ -211,7 +212,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     location = str(path)
     is_url = location.startswith(("http://", "https://"))
     if not is_url and not Path(location).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {location}")
+        raise MissingFileError(f"checkpoint not found: {location}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             if is_url:

@@ -27,6 +27,7 @@ from detr_ssl.data.tiling import Window, merge_window_detections, sliding_window
 from detr_ssl.data.transforms import build_transforms, xyxy_boxes
 from detr_ssl.engine.checkpoint import load_checkpoint, load_for_evaluation, model_state_of
 from detr_ssl.models import build_model
+from detr_ssl.utils.errors import ConfigError, DataError
 from detr_ssl.utils.logging import LOGGER_NAME
 from detr_ssl.utils.misc import nested_tensor_from_tensor_list
 
@@ -85,7 +86,7 @@ def load_detector(path: str | Path, device: str, logger: logging.Logger) -> tupl
     checkpoint = load_checkpoint(path)
     checkpoint = {**checkpoint, "model": model_state_of(checkpoint, path)}
     if _saved_args(checkpoint).get("ssl_mode") == "pretrain":
-        raise ValueError(f"{path} is a pre-training checkpoint (--ssl_mode pretrain): its decoder and heads never "
+        raise ConfigError(f"{path} is a pre-training checkpoint (--ssl_mode pretrain): its decoder and heads never "
                          "learnt to detect. Fine-tune it first (main.py --pretrain CKPT ...) and predict with that")
     args = inference_args(checkpoint, device)
     with _weights_come_later():
@@ -115,7 +116,7 @@ def category_names(args: argparse.Namespace, coco_json: str | Path | None = None
     try:
         categories = json.loads(Path(coco_json).read_text()).get("categories", [])
     except (OSError, json.JSONDecodeError, AttributeError) as err:
-        raise ValueError(f"{coco_json}: cannot read the categories of this COCO json: {err}") from err
+        raise DataError(f"{coco_json}: cannot read the categories of this COCO json: {err}") from err
     return {int(cat["id"]): str(cat["name"]) for cat in categories}
 
 

@@ -18,13 +18,14 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import save_config
+from ..config import ARCHITECTURE_FLAGS, save_config
 from ..data import ImageFolder, build_dataset, category_names_of, collate_fn, get_coco_api, num_classes_of
 from ..data.loader import build_loader, set_epoch
 from ..models import COCO_NUM_CLASSES, build_model
 from ..models.criterion import query_patch_weight_dict
 from ..ssl.schedule import schedule_value
 from ..utils import dist
+from ..utils.errors import ConfigError
 from ..utils.logging import TensorBoardLogger, setup_logging
 from .checkpoint import (LATEST, build_checkpoint_state, load_checkpoint, load_finetune, load_for_evaluation,
                          load_pretrained_encoder, resume_training, save_checkpoint, save_epoch_checkpoint)
@@ -103,7 +104,7 @@ def resolve_num_classes(args: argparse.Namespace, datasets: list, logger: loggin
         args.num_classes = needed
         logger.info("num_classes = %d (largest category id + 1, from the annotations)", args.num_classes)
     elif args.num_classes < needed:
-        raise ValueError(f"--num_classes {args.num_classes} is too small: the annotations use category ids up to "
+        raise ConfigError(f"--num_classes {args.num_classes} is too small: the annotations use category ids up to "
                          f"{needed - 1}, so it must be at least {needed} (or leave it out to derive it)")
 
 
@@ -135,6 +136,30 @@ def announce_ssl_schedules(model: torch.nn.Module, criterion: torch.nn.Module, a
                     args.ssl_mode, criterion.weight_dict["loss_ssl"], model.ssl_head.ratio)
 
 
+PRETEXT_FLAGS = ("ssl_task", "ssl_mode", "ssl_levels", "query_patches", "num_patches", "feature_recon")
+
+
+def adopt_checkpoint_architecture(args: argparse.Namespace, checkpoint: dict, logger: logging.Logger) -> None:
+    """``--eval --resume CKPT`` evaluates the model the checkpoint holds: the architecture and input
+    size flags the user did not give come from its saved configuration (official checkpoints
+    without one, or with the official flags only, keep the official defaults), and the log says which."""
+    saved = checkpoint.get("args") or {}
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved)
+    given = set(getattr(args, "given", ()))
+    wanted = ARCHITECTURE_FLAGS
+    if saved.get("ssl_mode") == "pretrain":  # the pretext task is what a pre-training run evaluates
+        wanted = (*wanted, "tokenizer")
+    else:  # a multi-task run's pretext heads do not detect: evaluation leaves them out
+        wanted = tuple(key for key in wanted if key not in PRETEXT_FLAGS)
+    adopted = {key: saved[key] for key in wanted
+               if key in saved and key not in given and saved[key] is not None and saved[key] != getattr(args, key)}
+    if "backbone_weights" not in given:
+        adopted["backbone_weights"] = "none"  # the checkpoint's weights replace them: nothing to download
+    vars(args).update(adopted)
+    logger.info("--eval: from the checkpoint's configuration: %s",
+                ", ".join(f"--{key} {value}" for key, value in adopted.items()))
+
+
 def build_validation_dataset(args: argparse.Namespace, logger: logging.Logger):
     """The images every evaluation runs on: the labelled ``--val_split`` for detection; for a
     pre-training run ``--val_path``, else the ``--val_split`` of COCO-json data, else none."""
@@ -161,7 +186,7 @@ def run(args: argparse.Namespace) -> dict:
     info = dist.init_distributed(resolve_device(args.device))
     args.device = str(info.device)
     if args.deterministic and info.device.type == "cuda" and args.model == "deformable_detr" and not args.eval:
-        raise ValueError("--deterministic on CUDA: the backward of Deformable DETR's attention (CUDA kernel or "
+        raise ConfigError("--deterministic on CUDA: the backward of Deformable DETR's attention (CUDA kernel or "
                          "grid_sample) adds gradients with atomics, so no CUDA run of it is bit-reproducible; train on "
                          "the CPU (--device cpu) for bit-exact runs, or drop --deterministic")
     output_dir = Path(args.output_dir) if args.output_dir else None
@@ -170,6 +195,9 @@ def run(args: argparse.Namespace) -> dict:
     logger = setup_logging(args.output_dir or None, info.rank)
     seed_everything(args.seed + info.rank, args.deterministic)
 
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if args.eval and checkpoint is not None:
+        adopt_checkpoint_architecture(args, checkpoint, logger)
     detects = args.ssl_mode != "pretrain"  # pre-training has no detection targets to evaluate
     dataset_val = build_validation_dataset(args, logger)
     dataset_train = None if args.eval else build_dataset("train", args)
@@ -197,8 +225,7 @@ def run(args: argparse.Namespace) -> dict:
     lr_scheduler = build_lr_scheduler(optimizer, args)
     scaler = build_grad_scaler(args, info.device)
     start_batch = 0
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume)
+    if checkpoint is not None:
         if args.eval:
             load_for_evaluation(model_without_ddp, checkpoint, args.resume, logger,
                                 hint=". --eval needs the flags of the run that wrote it (e.g. --config OUTPUT_DIR/config.yaml)")

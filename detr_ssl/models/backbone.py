@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
+from ..utils.errors import UserError
 from ..utils.misc import NestedTensor
 
 logger = logging.getLogger("detr_ssl")
@@ -23,7 +24,7 @@ STAGES = ("layer1", "layer2", "layer3", "layer4")
 STAGE_STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(UserError, RuntimeError):
     """The requested backbone weights cannot be obtained or do not fit."""
 
 
