@@ -225,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         summary["AP"] = metrics["AP"]
     logger.info("%d image(s), %d detections in %.1f s; wrote %s", len(images), len(results), seconds, args.out)
+    if predictor.below_threshold and not results:
+        logger.warning("kept 0 detections: all %d were below --score_threshold %g (lower it, e.g. --score_threshold 0, "
+                       "to see what the model finds)", predictor.below_threshold, args.score_threshold)
+    elif predictor.below_threshold:
+        logger.info("%d detections below --score_threshold %g were dropped", predictor.below_threshold,
+                    args.score_threshold)
     print(json.dumps(summary))
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import logging
 import shutil
 from pathlib import Path
@@ -264,3 +265,13 @@ def test_checkpoints_keep_the_category_names_for_predict_after_the_data_has_gone
     assert predict.main(["--resume", str(run / "checkpoint.pth"), "--images", str(image), "--out", str(out),
                          "--window", "0", "--device", "cpu", "--no_draw"]) == 0
     assert {c["id"]: c["name"] for c in json.loads((out / "images.json").read_text())["categories"]} == expected
+
+
+def test_predict_that_keeps_no_detection_says_how_many_the_threshold_dropped(trained, tmp_path, capsys):
+    out = tmp_path / "predict"
+    status = predict.main(["--resume", str(trained / "checkpoint.pth"), "--images", str(P0005), "--out", str(out),
+                           "--window", "0", "--score_threshold", "1", "--device", "cpu", "--no_draw"])
+    capsys.readouterr()
+    assert status == 0
+    log = (out / "log.txt").read_text()
+    assert re.search(r"kept 0 detections: all \d+ were below --score_threshold 1 \(lower it", log), log[-2000:]

@@ -81,6 +81,7 @@ def test_pretraining_reports_a_validation_loss_per_epoch_and_eval_repeats_it(tmp
     main([*common, "--output_dir", str(tmp_path / "pre"), "--epochs", "2"])
     log = [json.loads(line) for line in (tmp_path / "pre" / "log.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in log] == [0, 1]
+    assert "pre-training: no detection classes" in (tmp_path / "pre" / "log.txt").read_text()
     assert all(record["val_loss"] > 0 for record in log) and log[0]["val_loss"] != log[1]["val_loss"]
     tags = tensorboard_tags(tmp_path / "pre")
     assert "val/loss" in tags["scalars"] and any(tag.startswith("val/ssl/") for tag in tags["images"])

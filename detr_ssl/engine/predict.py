@@ -137,6 +137,7 @@ class SlidingWindowPredictor:
         self.transforms = build_transforms("val", args.min_size, args.max_size)
         self.window, self.overlap, self.batch_size = window, overlap, batch_size
         self.score_threshold, self.nms_iou = score_threshold, nms_iou
+        self.below_threshold = 0  # detections dropped under score_threshold so far, to report
 
     def windows(self, width: int, height: int) -> list[Window]:
         if self.window <= 0:
@@ -160,6 +161,7 @@ class SlidingWindowPredictor:
             sizes = torch.tensor([[w.y1 - w.y0, w.x1 - w.x0] for w in chunk], device=self.device)
             for found, window in zip(self.postprocess(self.model(batch), sizes), chunk):
                 keep = found["scores"] >= self.score_threshold
+                self.below_threshold += int((~keep).sum())
                 found = {key: value[keep].cpu() for key, value in found.items()}
                 found["boxes"] = clip_boxes_to_image(found["boxes"], (window.y1 - window.y0, window.x1 - window.x0))
                 detections.append(found)

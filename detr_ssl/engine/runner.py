@@ -169,11 +169,36 @@ def build_validation_dataset(args: argparse.Namespace, logger: logging.Logger):
     return build_dataset("val", args)
 
 
+def warn_about_ignored_settings(args: argparse.Namespace, dataset_train, categories: dict[int, str],
+                                checkpoint: dict | None, logger: logging.Logger) -> None:
+    """Say what the run will silently not do as asked: flags that have no effect here, images with
+    more objects than queries, and an evaluation json whose category names differ from the
+    checkpoint's."""
+    if args.tokenizer and args.ssl_task != "mim_discrete":
+        logger.warning("--tokenizer is read only by --ssl_task mim_discrete: ignored with --ssl_task %s", args.ssl_task)
+    if args.amp_dtype != "auto" and not args.amp:
+        logger.warning("--amp_dtype %s has no effect without --amp: the run is float32", args.amp_dtype)
+    if dataset_train is not None and not isinstance(dataset_train, ImageFolder):
+        counts = [len(anns) for anns in get_coco_api(dataset_train).imgToAnns.values()]
+        crowded = [count for count in counts if count > args.num_queries]
+        if crowded:
+            logger.warning("%d training image(s) have more objects than --num_queries %d (up to %d): the matcher "
+                           "can assign at most %d per image, the rest are never learnt; raise --num_queries",
+                           len(crowded), args.num_queries, max(crowded), args.num_queries)
+    saved = {int(k): str(v) for k, v in ((checkpoint or {}).get("categories") or {}).items()}
+    if args.eval and saved and categories and saved != categories:
+        differ = [f"{i}: {saved.get(i, '-')} / {categories.get(i, '-')}" for i in sorted({*saved, *categories})
+                  if saved.get(i) != categories.get(i)]
+        logger.warning("the evaluation json's categories differ from the checkpoint's (id: checkpoint / json): %s",
+                       "; ".join(differ[:10]) + (f"; ... ({len(differ)} in all)" if len(differ) > 10 else ""))
+
+
 def describe_run(args: argparse.Namespace, info: dist.DistInfo, model: torch.nn.Module, logger: logging.Logger) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    logger.info("model %s (%s backbone, %s weights): %.1fM parameters, %.1fM trainable, %d classes, %d queries",
-                args.model, args.backbone, args.backbone_weights, total / 1e6, trainable / 1e6, args.num_classes,
+    classes = "pre-training: no detection classes" if args.ssl_mode == "pretrain" else f"{args.num_classes} classes"
+    logger.info("model %s (%s backbone, %s weights): %.1fM parameters, %.1fM trainable, %s, %d queries",
+                args.model, args.backbone, args.backbone_weights, total / 1e6, trainable / 1e6, classes,
                 args.num_queries)
     if args.amp:
         logger.info("mixed precision: autocast to %s", str(amp_dtype(args, info.device)).replace("torch.", ""))
@@ -205,6 +230,7 @@ def run(args: argparse.Namespace) -> dict:
     resolve_num_classes(args, datasets, logger)
     labelled = [d for d in datasets if not isinstance(d, ImageFolder)]
     categories = category_names_of(labelled[0]) if labelled else {}  # saved in every checkpoint
+    warn_about_ignored_settings(args, dataset_train, categories, checkpoint, logger)
     if output_dir and dist.is_main_process():
         save_config(args, output_dir / "config.yaml")
 

@@ -125,7 +125,7 @@ def _build(kind: str, verbose: bool) -> ModuleType:
     directory = build_directory(kind)
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob("*.so")):
-        logger.info("ms_deform_attn: building the %s kernel into %s (once; this takes a minute)", kind, directory)
+        logger.info("ms_deform_attn: compiling the %s kernel (first use, about a minute; cached in %s)", kind, directory)
     cpp_extension = _import_cpp_extension()
     if kind == "cuda":
         _find_cuda_toolkit(cpp_extension)
