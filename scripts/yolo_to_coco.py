@@ -1,26 +1,43 @@
-"""Convert YOLO box labels (``class cx cy w h``, normalised) into one COCO detection json.
+"""Convert YOLO labels into one COCO detection json: boxes (``class cx cy w h``) and oriented
+boxes (YOLO-OBB, ``class x1 y1 x2 y2 x3 y3 x4 y4``: the four corners, as Ultralytics' DOTA sets
+hold them), every value normalised to [0, 1] by the image width and height.
 
     python scripts/yolo_to_coco.py --images coco8/images/train --labels coco8/labels/train \\
         --names coco8/coco8.yaml --category_ids coco --out annotations/instances_train.json
 
 Each image under ``--images`` is matched with ``--labels/<same relative path>.txt``; images
-without a label file are kept with no annotations. Problems that would make a wrong json
-(malformed lines, unknown class indices, empty or fully outside boxes) stop the conversion and
-are listed by file and line; ``--check`` also lists the harmless ones (empty label files,
-boxes clipped to the image, label files without an image).
+without a label file are kept with no annotations. An oriented box becomes the axis-aligned box
+of its polygon, clipped to the image, and keeps the polygon (absolute pixels, not clipped) in
+``segmentation``; the last line counts the clipped boxes.
+
+Which format a line is (``--format auto``, the default): 5 columns are a box, 9 columns an
+oriented box. Columns after the box (attributes such as weight or age) are refused unless
+``--extra_columns ignore`` or ``keep`` is given; 9 columns are then still an oriented box under
+``--format auto``, so a box with 4 attribute columns needs ``--format detect`` (a note on stderr
+says so when such lines were read as oriented boxes). Under ``auto``, 6 to 8 columns with
+``--extra_columns`` are a box with attributes, and 10 or more are refused as ambiguous (name the
+format with ``--format detect`` or ``obb``). A file mixing the two formats is refused.
+
+Problems that would make a wrong json (malformed lines, unknown class indices, empty or fully
+outside boxes) stop the conversion and are listed by file and line; ``--check`` also lists the
+harmless ones (empty label files, boxes clipped to the image, label files without an image). A
+conversion that finds no object, or no label file for more than half of the images, fails with
+the likely cause (a wrong ``--labels`` folder) and writes nothing.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
-from PIL import Image
 
-from detr_ssl.data.convert import Problem, orphan_labels, relative_image_files, report_problems
+from detr_ssl.data.convert import (Problem, add_allow_unlabelled, box_annotation, coco_json, coverage_problems,
+                                   image_records, orphan_labels, polygon_box, relative_image_files, require_paths,
+                                   write_unless_fatal)
 
 # YOLO values are rounded to 6 decimals, so a box edge may sit a few 1e-7 outside [0, 1].
 BOUNDS_TOLERANCE = 1e-6
@@ -76,11 +93,56 @@ def category_table(names: list[str], scheme: str) -> list[dict]:
     return [{"id": COCO_CATEGORY_IDS[name], "name": name} for name in names]
 
 
-Row = tuple[int, float, float, float, float]  # class, cx, cy, w, h
+# Columns of the box itself, class included, and how each format reads.
+BOX_COLUMNS = {"detect": 5, "obb": 9}
+LAYOUTS = {"detect": "'class cx cy w h'", "obb": "'class x1 y1 x2 y2 x3 y3 x4 y4'"}
+FORMATS = f"{LAYOUTS['detect']} (--format detect) or {LAYOUTS['obb']} (--format obb, the normalised corners)"
+ACCEPTED = f"{FORMATS}, then attribute columns only with --extra_columns ignore|keep"
 
 
-def parse_label_file(path: Path, num_classes: int) -> tuple[list[Row], list[Problem]]:
-    """Read ``class cx cy w h`` lines; return the usable rows and the problems found."""
+@dataclass(frozen=True)
+class Columns:
+    """How label lines are read: the box format and what to do with columns after the box."""
+
+    format: str = "auto"  # auto | detect | obb
+    extra: str = "error"  # error | ignore | keep
+    names: tuple[str, ...] = ()  # names of the kept extra columns; extra_0, extra_1... when empty
+
+
+class Row(NamedTuple):
+    """One usable label line."""
+
+    cls: int
+    kind: str  # detect | obb
+    values: tuple[float, ...]  # normalised cx cy w h, or the four normalised corners
+    attributes: dict[str, float] | None  # the extra columns with --extra_columns keep
+    clipped: bool  # partly outside the image
+
+
+def line_layout(count: int, columns: Columns) -> tuple[str, int] | str:
+    """(format, number of extra columns) of a line of ``count`` columns, or why it is refused."""
+    kind, extra_allowed = columns.format, columns.extra != "error"
+    if kind == "auto":
+        if 5 <= count <= 9:
+            kind = "obb" if count == 9 else "detect"
+        elif extra_allowed and count > 9:
+            return (f"{count} columns are ambiguous: {LAYOUTS['detect']} and {count - 5} extra columns, or "
+                    f"{LAYOUTS['obb']} and {count - 9}; say which with --format detect or --format obb")
+        else:
+            return f"expected {ACCEPTED}"
+    extra = count - BOX_COLUMNS[kind]
+    if extra < 0:
+        return f"expected {ACCEPTED}"
+    if extra and not extra_allowed:
+        return (f"{extra} column(s) after the box {LAYOUTS[kind]}: attribute columns need --extra_columns "
+                f"ignore or keep (lines are {FORMATS})")
+    if extra_allowed and columns.names and extra != len(columns.names):
+        return f"{extra} extra column(s), but --extra_column_names names {len(columns.names)}"
+    return kind, extra
+
+
+def parse_label_file(path: Path, num_classes: int, columns: Columns = Columns()) -> tuple[list[Row], list[Problem]]:
+    """Read one label file; return the usable rows and the problems found."""
     rows, problems = [], []
     lines = path.read_text().splitlines()
     if not any(line.strip() for line in lines):
@@ -88,41 +150,59 @@ def parse_label_file(path: Path, num_classes: int) -> tuple[list[Row], list[Prob
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        row = _parse_row(line)
-        if row is None:
-            message = f"malformed line {line.strip()!r}: expected 'class cx cy w h'"
-            problems.append(Problem(path, number, message, fatal=True))
+        row = _parse_row(line.split(), columns)
+        if isinstance(row, str):
+            problems.append(Problem(path, number, f"malformed line {line.strip()!r}: {row}", fatal=True))
             continue
-        if not 0 <= row[0] < num_classes:
-            problems.append(Problem(path, number, f"unknown class index {row[0]} (names has {num_classes})", fatal=True))
+        if not 0 <= row.cls < num_classes:
+            problems.append(Problem(path, number, f"unknown class index {row.cls} (names has {num_classes})", fatal=True))
             continue
-        problem = _check_box(*row[1:])
+        problem = _check_box(row.kind, row.values)
         if problem is not None:
             message, fatal = problem
             problems.append(Problem(path, number, message, fatal))
             if fatal:
                 continue
-        rows.append(row)
+        rows.append(row._replace(clipped=problem is not None))
+    if len({row.kind for row in rows}) > 1:
+        message = f"mixes {LAYOUTS['detect']} and {LAYOUTS['obb']} lines; name the format with --format"
+        problems.append(Problem(path, None, message, fatal=True))
     return rows, problems
 
 
-def _parse_row(line: str) -> Row | None:
-    fields = line.split()
-    if len(fields) != 5:
-        return None
+def _parse_row(fields: list[str], columns: Columns) -> Row | str:
+    """The row of one line's fields, or why it is refused."""
+    layout = line_layout(len(fields), columns)
+    if isinstance(layout, str):
+        return layout
+    kind, extra = layout
+    box_end = BOX_COLUMNS[kind]
     try:
-        return (int(fields[0]), *map(float, fields[1:]))
+        cls, values = int(fields[0]), tuple(map(float, fields[1:box_end]))
     except ValueError:
-        return None
+        return f"expected {ACCEPTED}"
+    attributes = None
+    if columns.extra == "keep":
+        names = columns.names or tuple(f"extra_{i}" for i in range(extra))
+        try:
+            attributes = dict(zip(names, map(float, fields[box_end:])))
+        except ValueError:
+            return f"the extra columns {fields[box_end:]} are not all numbers (--extra_columns keep)"
+    return Row(cls, kind, values, attributes, clipped=False)
 
 
-def _check_box(cx: float, cy: float, w: float, h: float) -> tuple[str, bool] | None:
+def _check_box(kind: str, values: tuple[float, ...]) -> tuple[str, bool] | None:
     """(message, fatal) for a box that is not finite, empty, outside or partly outside [0, 1]; None if fine."""
-    x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
-    box = f"box (cx {cx}, cy {cy}, w {w}, h {h})"
-    if not all(map(math.isfinite, (cx, cy, w, h))):
+    if kind == "detect":
+        cx, cy, w, h = values
+        box = f"box (cx {cx}, cy {cy}, w {w}, h {h})"
+        x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+    else:
+        box = f"oriented box (corners {' '.join(map(str, values))})"
+        x1, y1, x2, y2 = min(values[0::2]), min(values[1::2]), max(values[0::2]), max(values[1::2])
+    if not all(map(math.isfinite, values)):
         return f"{box} has non-finite values", True
-    if not w > 0 or not h > 0:
+    if not x2 > x1 or not y2 > y1:
         return f"{box} has no area", True
     if x2 <= 0 or y2 <= 0 or x1 >= 1 or y1 >= 1:
         return f"{box} lies entirely outside the image", True
@@ -138,35 +218,42 @@ def to_coco_bbox(cx: float, cy: float, w: float, h: float, width: int, height: i
     return [x1, y1, x2 - x1, y2 - y1]
 
 
-def convert(images_dir: Path, labels_dir: Path, names: list[str],
-            category_ids: str = "sequential") -> tuple[dict, list[Problem]]:
-    """Build the COCO json dict for one split and list the problems found in the labels."""
+def row_annotation(row: Row, ann_id: int, image: dict, category_id: int) -> dict:
+    """The COCO annotation of one row: its box in pixels, the polygon of an oriented box in
+    ``segmentation`` and the kept extra columns in ``attributes``."""
+    width, height = image["width"], image["height"]
+    extra = {} if row.attributes is None else {"attributes": row.attributes}
+    if row.kind == "detect":
+        return box_annotation(ann_id, image["id"], category_id, to_coco_bbox(*row.values, width, height), **extra)
+    polygon = [v * (width if i % 2 == 0 else height) for i, v in enumerate(row.values)]
+    bbox, _ = polygon_box(polygon, width, height)
+    return box_annotation(ann_id, image["id"], category_id, bbox,
+                          segmentation=[[round(v, 4) for v in polygon]], **extra)
+
+
+def convert(images_dir: Path, labels_dir: Path, names: list[str], category_ids: str = "sequential",
+            columns: Columns = Columns(), allow_unlabelled: bool = False) -> tuple[dict, list[Problem], dict]:
+    """Build the COCO json dict for one split; return it with the problems found and the counts."""
     categories = category_table(names, category_ids)
     images, annotations, problems = [], [], []
-    for image_id, relative in enumerate(relative_image_files(images_dir), start=1):
-        with Image.open(images_dir / relative) as image:
-            width, height = image.size
-        images.append({"id": image_id, "file_name": relative.as_posix(), "width": width, "height": height})
+    counts = {"images": 0, "label_files": 0, "objects": 0, "clipped": 0, "detect": 0, "obb": 0}
+    for image, relative in image_records(images_dir, relative_image_files(images_dir)):
+        images.append(image)
         label_file = labels_dir / relative.with_suffix(".txt")
         if not label_file.is_file():
             continue
-        rows, found = parse_label_file(label_file, len(names))
+        counts["label_files"] += 1
+        rows, found = parse_label_file(label_file, len(names), columns)
         problems += found
-        for cls, cx, cy, w, h in rows:
-            bbox = [round(v, 4) for v in to_coco_bbox(cx, cy, w, h, width, height)]
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": categories[cls]["id"],
-                "bbox": bbox, "area": round(bbox[2] * bbox[3], 4), "iscrowd": 0,
-            })
-    problems += orphan_labels(images_dir, labels_dir, images)
-    coco = {
-        "info": {"description": "converted from YOLO labels by scripts/yolo_to_coco.py"},
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": sorted(categories, key=lambda c: c["id"]),
-    }
-    return coco, problems
+        for row in rows:
+            annotations.append(row_annotation(row, len(annotations) + 1, image, categories[row.cls]["id"]))
+            counts[row.kind] += 1
+            counts["clipped"] += row.clipped
+    counts.update(images=len(images), objects=len(annotations))
+    problems += orphan_labels(images_dir, labels_dir, [image["file_name"] for image in images])
+    problems += coverage_problems(images_dir, labels_dir, "--labels", ".txt", counts, allow_unlabelled)
+    info = {"description": "converted from YOLO labels by scripts/yolo_to_coco.py"}
+    return coco_json(info, images, annotations, categories), problems, counts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,32 +265,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="COCO json to write")
     parser.add_argument("--category_ids", choices=("sequential", "coco"), default="sequential",
                         help="'sequential': ids 1..K; 'coco': the official COCO 2017 ids of the 80 class names")
+    parser.add_argument("--format", choices=("auto", "detect", "obb"), default="auto",
+                        help="'detect': class cx cy w h; 'obb': class x1 y1 x2 y2 x3 y3 x4 y4 (normalised corners); "
+                             "'auto' (default): 5 columns are detect, 9 are obb (see above)")
+    parser.add_argument("--extra_columns", choices=("error", "ignore", "keep"), default="error",
+                        help="columns after the box: refuse them (default), drop them, or keep them as floats "
+                             "in an 'attributes' dict on each annotation")
+    parser.add_argument("--extra_column_names", type=str, default=None,
+                        help="'a,b,c': the names of the kept extra columns (default extra_0, extra_1...); "
+                             "every line must then have that many")
     parser.add_argument("--check", action="store_true", help="also list harmless findings, one per line")
+    add_allow_unlabelled(parser)
     return parser
+
+
+def columns_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Columns:
+    """The line layout the flags ask for; names without ``--extra_columns keep`` are a mistake."""
+    names = tuple(n.strip() for n in (args.extra_column_names or "").split(",") if n.strip())
+    if names and args.extra_columns != "keep":
+        parser.error("--extra_column_names needs --extra_columns keep")
+    if len(set(names)) != len(names):
+        parser.error(f"--extra_column_names: names must be distinct, got {list(names)}")
+    return Columns(args.format, args.extra_columns, names)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Convert, report, and write ``--out`` unless a problem is fatal; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for folder in (args.images, args.labels):
-        if not folder.is_dir():
-            parser.error(f"not a folder: {folder}")
+    require_paths(parser, (args.images, args.labels))
+    columns = columns_from_args(parser, args)
     try:
-        coco, problems = convert(args.images, args.labels, load_names(args.names), args.category_ids)
+        coco, problems, counts = convert(args.images, args.labels, load_names(args.names), args.category_ids,
+                                         columns, args.allow_unlabelled)
     except (OSError, ValueError) as err:
         parser.error(str(err))
-    fatal = report_problems(problems, list_all=args.check)
-    if fatal:
-        print(f"{len(fatal)} error(s); {args.out} not written", file=sys.stderr)
+    if columns.format == "auto" and columns.extra != "error" and counts["obb"]:
+        print(f"note: {counts['obb']} lines of 9 columns were read as oriented boxes (--format auto); if they are "
+              "boxes with 4 attribute columns, pass --format detect", file=sys.stderr)
+    if write_unless_fatal(coco, args.out, problems, list_all=args.check):
         return 1
-    if problems and not args.check:
-        print(f"{len(problems)} warning(s) (empty label files, clipped boxes...); run with --check to list them",
-              file=sys.stderr)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(coco) + "\n")
-    print(f"wrote {args.out}: {len(coco['images'])} images, {len(coco['annotations'])} boxes, "
-          f"{len(coco['categories'])} categories")
+    print(f"wrote {args.out}: {counts['images']} images, {counts['objects']} boxes ({counts['detect']} detect, "
+          f"{counts['obb']} obb; {counts['clipped']} clipped to the image), {len(coco['categories'])} categories")
     return 0
 
 

@@ -355,6 +355,68 @@ def test_dota_round_trip_on_the_isaid_sample(tmp_path, capsys):
         [(a["category_id"], a["bbox"]) for a in source["annotations"]]
 
 
+def test_dota_class_orders_and_versions():
+    website, devkit = dota_to_coco.load_classes(None), dota_to_coco.load_classes(None, "devkit")
+    assert website == dota_to_coco.DOTA_V1_CLASSES and sorted(website) == sorted(devkit)
+    # wordname_15 of CAPTAIN-WHU/DOTA_devkit's DOTA2COCO.py
+    assert devkit == ["plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle",
+                      "ship", "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout",
+                      "harbor", "swimming-pool", "helicopter"]
+    for order, v1 in (("website", website), ("devkit", devkit)):
+        assert dota_to_coco.load_classes("dota1.0", order) == v1
+        assert dota_to_coco.load_classes("dota1.5", order) == [*v1, "container-crane"]
+        assert dota_to_coco.load_classes("dota2.0", order) == [*v1, "container-crane", "airport", "helipad"]
+
+
+def test_dota_class_order_sets_the_ids_and_is_named_in_the_output(tmp_path, capsys):
+    images, labels = make_dota(tmp_path, {"P0001": HAND_LABELS})
+    out = tmp_path / "train.json"
+    argv = ["--images", str(images), "--labels", str(labels), "--out", str(out)]
+    for flags, order in (([], "website"), (["--class_order", "devkit"], "devkit")):
+        assert dota_to_coco.main([*argv, *flags]) == 0
+        coco = json.loads(out.read_text())
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert coco["info"]["class_order"] == summary["class_order"] == order
+        names = {c["id"]: c["name"] for c in coco["categories"]}
+        assert [names[a["category_id"]] for a in coco["annotations"]] == \
+            ["plane", "small-vehicle", "ship", "harbor"]
+    assert [a["category_id"] for a in coco["annotations"]] == [1, 5, 7, 13]  # devkit ids
+    with pytest.raises(SystemExit):
+        dota_to_coco.main([*argv, "--class_order", "devkit", "--classes", "plane,ship"])
+    assert "--class_order orders the built-in lists" in capsys.readouterr().err
+
+
+def test_dota_v15_class_is_refused_naming_the_version_then_converted(tmp_path, capsys):
+    images, labels = make_dota(tmp_path, {"P0001": "10 20 50 20 50 60 10 60 container-crane 0\n"})
+    out = tmp_path / "train.json"
+    argv = ["--images", str(images), "--labels", str(labels), "--out", str(out)]
+    assert dota_to_coco.main(argv) == 1 and not out.exists()
+    assert "unknown class 'container-crane'" in capsys.readouterr().err
+    assert "a DOTA 1.5 class: use --classes dota1.5" in str(dota_to_coco.parse_label_file(
+        labels / "P0001.txt", dota_to_coco.load_classes(None))[1][0])
+    assert dota_to_coco.main([*argv, "--classes", "dota1.5", "--class_order", "devkit"]) == 0
+    assert json.loads(out.read_text())["annotations"][0]["category_id"] == 16
+
+
+def test_dota_pointed_at_the_wrong_folder_fails_and_writes_nothing(tmp_path, capsys):
+    images, labels = make_dota(tmp_path, {"P0001": None, "P0002": None, "P0003": None})
+    xml = tmp_path / "Annotations"
+    xml.mkdir()
+    for name in ("P0001", "P0002", "P0003"):
+        (xml / f"{name}.xml").write_text("<annotation><object><name>plane</name></object></annotation>")
+    out = tmp_path / "train.json"
+    assert dota_to_coco.main(["--images", str(images), "--labels", str(xml), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert f"error: {xml}: no objects found: found 3 .xml files in --labels: these look like Pascal-VOC " \
+           "annotations; use scripts/voc_to_coco.py" in captured.err
+    assert not out.exists() and json.loads(captured.out.strip().splitlines()[-1])["out"] is None
+    (labels / "P0001.txt").write_text(HAND_LABELS)  # 2 of 3 images without a label file
+    argv = ["--images", str(images), "--labels", str(labels), "--out", str(out)]
+    assert dota_to_coco.main(argv) == 1 and not out.exists()
+    assert "2 of 3 images have no .txt file in --labels" in capsys.readouterr().err
+    assert dota_to_coco.main([*argv, "--allow_unlabelled"]) == 0 and out.exists()
+
+
 # --- --dataset_file isaid -----------------------------------------------------------------------
 
 def isaid_args(root: Path, *flags: str):
