@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ARCHITECTURE_FLAGS, save_config
 from ..data import ImageFolder, build_dataset, category_names_of, collate_fn, get_coco_api, num_classes_of
+from ..data.check import check_datasets
 from ..data.loader import build_loader, set_epoch
 from ..models import COCO_NUM_CLASSES, build_model
 from ..models.criterion import query_patch_weight_dict
@@ -227,6 +228,7 @@ def run(args: argparse.Namespace) -> dict:
     dataset_val = build_validation_dataset(args, logger)
     dataset_train = None if args.eval else build_dataset("train", args)
     datasets = [d for d in (dataset_train, dataset_val) if d is not None]
+    check_datasets(datasets, args.check_data, args.skip_bad_samples, logger)  # every rank its share; all stop alike
     resolve_num_classes(args, datasets, logger)
     labelled = [d for d in datasets if not isinstance(d, ImageFolder)]
     categories = category_names_of(labelled[0]) if labelled else {}  # saved in every checkpoint
