@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr_drop", type=int, default=None, help="multiply the learning rates by 0.1 after this many epochs")
     add("--amp", action="store_true", help="mixed precision: autocast the model (the losses stay float32)")
     add("--amp_dtype", type=str, default="auto", choices=("auto", "bfloat16", "float16"),
-        help="autocast dtype under --amp; auto: bfloat16 on CPUs and GPUs that support it, else float16 (with loss scaling)")
+        help="autocast dtype under --amp; auto: bfloat16 on GPUs that support it (else float16, with loss scaling) "
+             "and on CPUs with native bfloat16 (AVX512-BF16, AMX); float32 on CPUs that would emulate it (slower)")
     add("--clip_max_norm", type=float, default=0.1, help="gradient clipping max norm (0: no clipping)")
     add("--max_bad_steps", type=int, default=5, metavar="N",
         help="a non-finite loss skips its optimizer step (logged with the batch's image ids); after N such steps "

@@ -183,7 +183,7 @@ def test_amp_loss_is_close_to_float32_loss(coco_batch, backend):
     if backend not in available_backends():
         pytest.skip(f"{backend} back end not available")
     torch.manual_seed(0)
-    args = parse_args(TINY + ["--dropout", "0", "--amp", "--msda_backend", backend])
+    args = parse_args(TINY + ["--dropout", "0", "--amp", "--amp_dtype", "bfloat16", "--msda_backend", backend])
     model, criterion, _ = build_model(args)
     model.eval()
     samples, targets = coco_batch

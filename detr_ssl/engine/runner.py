@@ -30,7 +30,7 @@ from ..utils.errors import ConfigError
 from ..utils.logging import TensorBoardLogger, setup_logging
 from .checkpoint import (LATEST, build_checkpoint_state, load_checkpoint, load_finetune, load_for_evaluation,
                          load_pretrained_encoder, resume_training, save_checkpoint, save_epoch_checkpoint)
-from .amp import amp_dtype, build_grad_scaler
+from .amp import build_grad_scaler, describe_precision
 from .evaluate import evaluate, evaluate_pretext
 from .faults import BadSteps, Interrupted, StopTraining, TooManyBadSteps, stop_on_signals
 from .optim import build_lr_scheduler, build_optimizer
@@ -201,8 +201,9 @@ def describe_run(args: argparse.Namespace, info: dist.DistInfo, model: torch.nn.
     logger.info("model %s (%s backbone, %s weights): %.1fM parameters, %.1fM trainable, %s, %d queries",
                 args.model, args.backbone, args.backbone_weights, total / 1e6, trainable / 1e6, classes,
                 args.num_queries)
-    if args.amp:
-        logger.info("mixed precision: autocast to %s", str(amp_dtype(args, info.device)).replace("torch.", ""))
+    precision = describe_precision(args, info.device)
+    if precision:
+        (logger.warning if "EMULATED" in precision else logger.info)("%s", precision)
     logger.info("effective batch: %d processes x %d images x %d accumulation steps = %d images per optimizer step",
                 info.world_size, args.batch_size, args.accum_steps, info.world_size * args.batch_size * args.accum_steps)
 
