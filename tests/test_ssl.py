@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy.stats import chisquare
 from torchvision.transforms.v2 import functional as TF
 
 from detr_ssl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detr_ssl.ssl import SCHEDULES, TASKS, build_pretext_task, schedule_value
-from detr_ssl.ssl.jigsaw import derangement, jigsaw_counts
+from detr_ssl.ssl.jigsaw import derangements, jigsaw_counts, permute_patches
 from detr_ssl.ssl.patches import patchify, token_masks, unpatchify
 from detr_ssl.ssl.tokenizer import KMeansTokenizer
 
@@ -154,15 +156,51 @@ def test_ratio_is_mutable(batch, tokenizer_file):
     assert targets.loss_mask.flatten(1).sum(1).tolist() == [round(0.25 * n) for n in full_counts(valid)]
 
 
-def test_derangement_moves_everything():
-    generator = seeded()
-    for n in (0, 2, 3, 5, 40):
-        for _ in range(20):
-            permutation = derangement(n, generator)
-            assert sorted(permutation.tolist()) == list(range(n))
-            assert not (permutation == torch.arange(n)).any()
-    with pytest.raises(ValueError):
-        derangement(1)
+def test_derangements_move_every_slot_of_each_row():
+    counts = torch.tensor([0, 2, 3, 5, 40, 2, 0])
+    for seed in range(20):
+        permutation = derangements(counts, seeded(seed))
+        assert permutation.shape == (7, 40) and permutation.dtype == torch.int64
+        for row, n in zip(permutation, counts.tolist()):
+            assert sorted(row[:n].tolist()) == list(range(n))
+            assert not (row[:n] == torch.arange(n)).any(), "no element stays in place"
+            assert torch.equal(row[n:], torch.arange(n, 40)), "slots past the count stay put"
+    assert torch.equal(derangements(counts, seeded(3)), derangements(counts, seeded(3)))
+    assert not torch.equal(derangements(counts, seeded(3)), derangements(counts, seeded(4)))
+    assert derangements(torch.zeros(3, dtype=torch.int64)).shape == (3, 0)
+    with pytest.raises(ValueError, match="cannot be moved"):
+        derangements(torch.tensor([2, 1]))
+
+
+def assert_uniform(outcomes: list[tuple], expected: int) -> None:
+    """Each of ``expected`` outcomes about equally frequent (chi-square, p > 0.001 for a fixed seed)."""
+    frequencies = Counter(outcomes)
+    assert len(frequencies) == expected, f"{len(frequencies)} of {expected} outcomes ever drawn"
+    assert chisquare(list(frequencies.values())).pvalue > 1e-3, frequencies
+
+
+def test_derangements_are_uniform_over_all_derangements():
+    """3 and 4 elements have 2 and 9 derangements; a cyclic shift would only ever give 2 and 6 of them."""
+    counts = torch.tensor([3, 4]).repeat(4000)
+    permutation = derangements(counts, seeded())
+    assert_uniform([tuple(row[:3].tolist()) for row in permutation[0::2]], 2)
+    assert_uniform([tuple(row.tolist()) for row in permutation[1::2]], 9)
+
+
+def test_permuted_patches_are_a_uniform_subset_in_a_uniform_derangement():
+    """A 3x3 token grid whose right column is padding: 6 full tokens, 4 of them move. Every
+    (subset, derangement) pair of the 15 * 9 is about equally likely, drawn for a batch at once."""
+    batch = 8000
+    images = torch.arange(27.0).view(1, 3, 3, 3).repeat(batch, 1, 1, 1)
+    valid = torch.ones(batch, 3, 3, dtype=torch.bool)
+    valid[:, :, 2] = False
+    corrupted, targets, source = permute_patches(images, valid, 1, 2 / 3, seeded())
+    moved, source = targets.loss_mask.flatten(1), source.flatten(1)
+    assert (moved.sum(1) == 4).all() and not moved[:, 2::3].any(), "padding never moves"
+    assert torch.equal(source[~moved], torch.arange(9).repeat(batch, 1)[~moved])
+    assert (source[moved] != torch.arange(9).repeat(batch, 1)[moved]).all()
+    assert torch.equal(corrupted.flatten(2), images.flatten(2).gather(2, source[:, None].expand(-1, 3, -1)))
+    assert_uniform([tuple(row.tolist()) for row in source], 135)
 
 
 def test_jigsaw_counts_never_one():

@@ -5,10 +5,12 @@ import argparse
 import json
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from scipy.stats import chisquare, ks_2samp, kstest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from detr_ssl.__main__ import main
@@ -17,8 +19,10 @@ from detr_ssl.engine.checkpoint import load_model_state, load_pretrained_encoder
 from detr_ssl.models import build_model
 from detr_ssl.models.criterion import SetCriterion
 from detr_ssl.models.matcher import HungarianMatcher
-from detr_ssl.ssl.updetr import (MIN_PIXEL, PATCH_SIZE, crop_patches, crop_targets, group_attention_mask,
-                                 sample_crop_boxes, valid_sizes)
+from detr_ssl.ssl.updetr import (BLUR, BLUR_P, GREYSCALE, JITTER, JITTER_P, MIN_PIXEL, PATCH_SIZE, QUERY_AUGMENT,
+                                 CropAugmentation, apply_augmentation, augment_patches, crop_patches, crop_targets,
+                                 group_attention_mask, sample_crop_boxes, valid_sizes)
+from detr_ssl.utils.image import denormalize
 from detr_ssl.utils.misc import nested_tensor_from_tensor_list
 from test_models import read_manifest
 from test_ssl_cli import DEFORMABLE, SAMPLE, TINY, seeded_training_setup
@@ -68,6 +72,94 @@ def test_crops_are_the_image_pixels_under_the_box(coco_images):
     big = crop_patches(image, torch.tensor([[[0.0, 0.0, 2.0 * PATCH_SIZE, 2.0 * PATCH_SIZE]]]))
     pooled = torch.nn.functional.avg_pool2d(image[:, :, :2 * PATCH_SIZE, :2 * PATCH_SIZE], 2)
     torch.testing.assert_close(big, pooled)
+
+
+def real_crops(coco_images, num_crops: int, size: int = PATCH_SIZE) -> torch.Tensor:
+    """``num_crops`` random crops of a real photo as pixels in [0, 1]."""
+    image = coco_images[0][None]
+    boxes = sample_crop_boxes(torch.tensor([image.shape[-2:]]), num_crops)
+    return denormalize(crop_patches(image, boxes, size))
+
+
+def reference_augmentation(pixels: torch.Tensor, draw: CropAugmentation) -> torch.Tensor:
+    """The crops one by one through torchvision's own transforms, with the given draw as their params."""
+    out = []
+    for i, crop in enumerate(pixels):
+        if draw.jitter[i]:
+            crop = JITTER.transform(crop, {"fn_idx": draw.order[i], "brightness_factor": float(draw.brightness[i]),
+                                           "contrast_factor": float(draw.contrast[i]),
+                                           "saturation_factor": float(draw.saturation[i]),
+                                           "hue_factor": float(draw.hue[i])})
+        if draw.grey[i]:
+            crop = GREYSCALE.transform(crop, {"num_input_channels": 3})
+        if draw.blur[i]:
+            crop = BLUR.transform(crop, {"sigma": [float(draw.sigma[i])] * 2})
+        out.append(crop)
+    return torch.stack(out)
+
+
+def test_batched_crop_augmentation_equals_torchvision_crop_by_crop(coco_images):
+    torch.manual_seed(0)
+    pixels = real_crops(coco_images, 64, 32)
+    draw = CropAugmentation.sample(64)
+    # the draw covers every case: each jitter step at each place of the order, each transform on and off
+    assert all(set(draw.order[draw.jitter, k].tolist()) == {0, 1, 2, 3} for k in range(4))
+    assert all(0 < flag.sum() < 64 for flag in (draw.jitter, draw.grey, draw.blur))
+    before = pixels.clone()
+    augmented = apply_augmentation(pixels, draw)
+    assert torch.equal(pixels, before), "the input is left as it was"
+    torch.testing.assert_close(augmented, reference_augmentation(pixels, draw), rtol=0, atol=1e-5)
+    untouched = ~(draw.jitter | draw.grey | draw.blur)
+    assert untouched.any() and torch.equal(augmented[untouched], pixels[untouched])
+    assert augmented.min() >= 0 and augmented.max() <= 1 + 1e-6  # a blur's kernel sums to 1 up to rounding
+
+
+def test_crop_augmentation_draws_follow_torchvision_distributions():
+    """Over many crops: each transform applies with its probability, factors spread uniformly
+    over torchvision's ranges, the jitter order is uniform over all 24, all independently."""
+    n = 24000
+    torch.manual_seed(0)
+    draw = CropAugmentation.sample(n)
+    for flag, p in ((draw.jitter, JITTER_P), (draw.grey, GREYSCALE.p), (draw.blur, BLUR_P)):
+        assert flag.dtype == torch.bool and abs(flag.float().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n)
+    assert (JITTER.brightness, JITTER.contrast, JITTER.saturation, JITTER.hue) == ((0.6, 1.4),) * 3 + ((-0.1, 0.1),)
+    assert tuple(BLUR.sigma) == (0.1, 2.0) and tuple(BLUR.kernel_size) == (13, 13)
+    for values, (low, high) in ((draw.brightness, JITTER.brightness), (draw.contrast, JITTER.contrast),
+                                (draw.saturation, JITTER.saturation), (draw.hue, JITTER.hue), (draw.sigma, BLUR.sigma)):
+        assert kstest(((values - low) / (high - low)).numpy(), "uniform").pvalue > 1e-3
+        assert low <= values.min() and values.max() <= high
+    assert (draw.order.sort(1).values == torch.arange(4)).all(), "each order is a permutation of the four steps"
+    frequencies = Counter(map(tuple, draw.order.tolist()))
+    assert len(frequencies) == 24 and chisquare(list(frequencies.values())).pvalue > 1e-3
+    fields = torch.stack([draw.jitter.float(), draw.grey.float(), draw.blur.float(), draw.brightness, draw.contrast,
+                          draw.saturation, draw.hue, draw.sigma, draw.order[:, 0].float()])
+    correlation = torch.corrcoef(torch.cat([fields[:, 1:], fields[:, :-1]]))  # also each crop with the next
+    assert (correlation - torch.eye(len(correlation))).abs().max() < 4 / math.sqrt(n), "draws are independent"
+
+
+def test_batched_crop_augmentation_matches_the_torchvision_pipeline_in_distribution(coco_images):
+    """One real crop augmented many times, crop by crop by QUERY_AUGMENT and all at once: the
+    brightness, colourfulness and sharpness of the results follow the same distributions."""
+    torch.manual_seed(0)
+    crop = real_crops(coco_images, 1, 16)
+    n = 2000
+    batched = apply_augmentation(crop.expand(n, -1, -1, -1), CropAugmentation.sample(n))
+    reference = torch.stack([QUERY_AUGMENT(crop[0]) for _ in range(n)])
+
+    def statistics(pixels: torch.Tensor) -> list[torch.Tensor]:
+        return [pixels.mean((1, 2, 3)), pixels.std(1).mean((1, 2)), pixels.diff(dim=-1).abs().mean((1, 2, 3))]
+
+    for ours, theirs in zip(statistics(batched), statistics(reference)):
+        assert ks_2samp(ours.numpy(), theirs.numpy()).pvalue > 1e-3
+
+
+def test_augment_patches_keeps_normalised_crops_and_dtype(coco_images):
+    torch.manual_seed(0)
+    patches = crop_patches(coco_images[0][None], torch.tensor([[[0.0, 0.0, 64.0, 64.0]] * 6]), 32)
+    augmented = augment_patches(patches)
+    assert augmented.shape == patches.shape and augmented.dtype == patches.dtype
+    assert not torch.equal(augmented, patches)
+    assert augment_patches(patches.bfloat16()).dtype == torch.bfloat16
 
 
 def test_group_mask_blocks_exactly_the_cross_group_pairs():
@@ -177,7 +269,7 @@ def test_patch_localisation_loss_falls(coco_batch, model_flags, encoder_task):
     samples, targets = coco_batch
     box_losses = []
     for step in range(40):
-        torch.manual_seed(1)
+        torch.manual_seed(2)
         loss_dict = criterion(model(samples), targets)
         expected = {"loss_patch_ce", "loss_patch_bbox", "loss_patch_giou", "loss_patch_feature"}
         assert expected <= set(loss_dict) and ("loss_ssl" in loss_dict) == (encoder_task != "none")

@@ -13,19 +13,37 @@ from detr_ssl.ssl.patches import patchify, pixel_mask, select_tokens, selection_
 from detr_ssl.ssl.tokenizer import Tokenizer
 
 
-def derangement(n: int, generator: torch.Generator | None = None) -> Tensor:
-    """A uniformly random permutation of range(n) that moves every element (n = 0 or n >= 2).
+_KEY_RANGE = 2**62  # random sort keys are integers below this
 
-    Rejection sampling: about 1/e of all permutations move everything, so e draws on average.
+
+def derangements(counts: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """(B, max count) int64: row b begins with a uniformly random permutation of range(counts[b])
+    that moves every element and continues with the identity (counts 0 or >= 2).
+
+    Batched rejection sampling, the same distribution as drawing per row until a draw has no
+    fixed point: random keys ranked per row give uniform permutations (slots past a row's count
+    get keys above every draw, in order, so they stay put), and the rows that kept a fixed point
+    are drawn again. About 1/e of all permutations move everything, so a row needs e draws on
+    average; the batch needs as many rounds as its unluckiest row (a handful), with one host
+    sync each (and two to start), not one per image and draw. Keys are integers (a tie, which
+    would bias the ranking, has odds ~ n^2 / 2^63; float32 keys tie often) drawn on the
+    generator's device, so a seed gives the same draw on any device.
     """
-    if n == 1:
+    if (counts == 1).any():
         raise ValueError("one element cannot be moved among itself")
-    device = generator.device if generator is not None else torch.device("cpu")
-    identity = torch.arange(n, device=device)
-    while True:
-        permutation = torch.randperm(n, generator=generator, device=device)
-        if not (permutation == identity).any():
-            return permutation
+    device = counts.device
+    key_device = generator.device if generator is not None else device
+    width = int(counts.max()) if counts.numel() else 0
+    slots = torch.arange(width, device=device)
+    inside = slots < counts[:, None]
+    permutation = slots.repeat(len(counts), 1)
+    rows = (counts >= 2).nonzero().squeeze(1)
+    while len(rows):
+        keys = torch.randint(_KEY_RANGE, (len(rows), width), generator=generator, device=key_device)
+        keys = torch.where(inside[rows], keys.to(device), slots + _KEY_RANGE)
+        permutation[rows] = keys.argsort(1)
+        rows = ((permutation == slots) & inside).any(1).nonzero().squeeze(1)
+    return permutation
 
 
 def jigsaw_counts(token_full: Tensor, ratio: float) -> Tensor:
@@ -37,6 +55,25 @@ def jigsaw_counts(token_full: Tensor, ratio: float) -> Tensor:
     return torch.where(counts == 1, torch.where(available >= 2, 2, 0), counts)
 
 
+def permutation_sources(token_full: Tensor, ratio: float,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Draw which full tokens move and where from, for every image at once.
+
+    Returns ``moved`` (B, h, w) bool, ``jigsaw_counts`` uniformly chosen full tokens per image, and
+    ``source`` (B, h, w) int64: the flat position in the image's h x w grid whose patch goes to
+    each token, a uniformly random derangement among the moved tokens, its own index elsewhere.
+    """
+    counts = jigsaw_counts(token_full, ratio)
+    moved = select_tokens(token_full, counts, generator)
+    permutation = derangements(counts, generator)
+    flat = moved.flatten(1)
+    # each image's moved positions in ascending order, then its unmoved ones (left in place)
+    positions = flat.byte().sort(dim=1, descending=True, stable=True).indices[:, :permutation.shape[1]]
+    source = torch.arange(flat.shape[1], device=flat.device).repeat(flat.shape[0], 1)
+    source.scatter_(1, positions, positions.gather(1, permutation))
+    return moved, source.view_as(moved)
+
+
 def permute_patches(images: Tensor, valid: Tensor, patch_size: int, ratio: float,
                     generator: torch.Generator | None = None) -> tuple[Tensor, SSLTargets, Tensor]:
     """Permute ``jigsaw_counts`` random full patches of each image among themselves, none in place.
@@ -46,19 +83,13 @@ def permute_patches(images: Tensor, valid: Tensor, patch_size: int, ratio: float
     grid that the patch now at each token came from (its own index for unmoved tokens).
     """
     token_valid, token_full = token_masks(valid, patch_size)
-    moved = select_tokens(token_full, jigsaw_counts(token_full, ratio), generator)
-    batch, height, width = moved.shape
-    source = torch.arange(height * width, device=images.device).repeat(batch, 1)
-    for image_source, image_moved in zip(source, moved.flatten(1)):
-        positions = image_moved.nonzero().squeeze(1)
-        image_source[positions] = positions[derangement(len(positions), generator).to(positions.device)]
-
+    moved, source = permutation_sources(token_full, ratio, generator)
     patches = patchify(images, patch_size)
-    shuffled = patches.flatten(1, 2).gather(1, source[..., None].expand(-1, -1, patches.shape[-1]))
+    shuffled = patches.flatten(1, 2).gather(1, source.flatten(1)[..., None].expand(-1, -1, patches.shape[-1]))
     corrupted = unpatchify(shuffled.view_as(patches), patch_size)
     targets = SSLTargets(target=patches, loss_mask=moved, pixel_valid=pixel_mask(valid, patch_size),
                          token_valid=token_valid)
-    return corrupted, targets, source.view_as(moved)
+    return corrupted, targets, source
 
 
 class JigsawContinuous(ContinuousTask):

@@ -73,5 +73,5 @@ def select_tokens(eligible: Tensor, counts: Tensor, generator: torch.Generator |
     device = generator.device if generator is not None else flat.device
     scores = torch.rand(flat.shape, generator=generator, device=device).to(flat.device)
     scores = scores.masked_fill(~flat, 2.0)  # after every eligible token's score in [0, 1)
-    ranks = scores.argsort(1).argsort(1)
-    return (ranks < counts[:, None].to(flat.device)).view_as(eligible)
+    wins = torch.arange(flat.shape[1], device=flat.device) < counts[:, None].to(flat.device)  # by rank
+    return torch.zeros_like(flat).scatter_(1, scores.argsort(1), wins).view_as(eligible)

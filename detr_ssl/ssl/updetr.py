@@ -13,10 +13,19 @@ attending to each other in decoder self-attention.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 from torchvision.ops import box_convert, roi_align
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 from torchvision.utils import draw_bounding_boxes
 
 from detr_ssl.utils.image import denormalize, normalize
@@ -28,11 +37,12 @@ PATCH_LABEL = 1  # class of every crop; the classifier has 2 classes + no-object
 PATCH_NUM_CLASSES = 2
 
 # SimCLR-style colour augmentation of the crops (official get_query_transforms('train')); no flip.
-_QUERY_AUGMENT = v2.Compose([
-    v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-    v2.RandomGrayscale(p=0.2),
-    v2.RandomApply([v2.GaussianBlur(kernel_size=13, sigma=(0.1, 2.0))], p=0.5),
-])
+# The torchvision transforms hold the parameters, and QUERY_AUGMENT is the per-crop pipeline that
+# ``augment_patches`` reproduces for all crops at once (the tests and the benchmark run it as the reference).
+JITTER, JITTER_P = v2.ColorJitter(0.4, 0.4, 0.4, 0.1), 0.8
+GREYSCALE = v2.RandomGrayscale(p=0.2)
+BLUR, BLUR_P = v2.GaussianBlur(kernel_size=13, sigma=(0.1, 2.0)), 0.5
+QUERY_AUGMENT = v2.Compose([v2.RandomApply([JITTER], p=JITTER_P), GREYSCALE, v2.RandomApply([BLUR], p=BLUR_P)])
 
 
 def valid_sizes(padding_mask: Tensor) -> Tensor:
@@ -70,10 +80,108 @@ def crop_patches(images: Tensor, boxes: Tensor, size: int = PATCH_SIZE) -> Tenso
     return roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
+@dataclass
+class CropAugmentation:
+    """One random draw of QUERY_AUGMENT per crop; every field has the crops on its first dimension.
+
+    jitter, grey, blur: (N,) bool, whether ColorJitter, RandomGrayscale, GaussianBlur apply.
+    order: (N, 4) the order in which ColorJitter applies brightness (0), contrast (1), saturation (2)
+        and hue (3); it draws a new order for every call.
+    brightness, contrast, saturation, hue, sigma: (N,) the factors and the blur's sigma (drawn
+        for every crop; used where their transform applies).
+    """
+
+    jitter: Tensor
+    order: Tensor
+    brightness: Tensor
+    contrast: Tensor
+    saturation: Tensor
+    hue: Tensor
+    grey: Tensor
+    blur: Tensor
+    sigma: Tensor
+
+    @classmethod
+    def sample(cls, num_crops: int, device: torch.device | str | None = None) -> CropAugmentation:
+        """Independent draws per crop from the distributions torchvision's transforms draw from
+        (``uniform_`` over their ranges, ``rand < p`` for RandomApply and RandomGrayscale,
+        a uniformly random order of the four jitter steps)."""
+        def uniform(bounds: tuple[float, float]) -> Tensor:
+            return torch.empty(num_crops, device=device).uniform_(*bounds)
+
+        def coin(p: float) -> Tensor:
+            return torch.rand(num_crops, device=device) < p
+
+        return cls(jitter=coin(JITTER_P), order=torch.rand(num_crops, 4, device=device).argsort(1),
+                   brightness=uniform(JITTER.brightness), contrast=uniform(JITTER.contrast),
+                   saturation=uniform(JITTER.saturation), hue=uniform(JITTER.hue), grey=coin(GREYSCALE.p),
+                   blur=coin(BLUR_P), sigma=uniform(BLUR.sigma))
+
+
+def _transform_rows_(pixels: Tensor, rows: Tensor, transform: Callable[..., Tensor], *factors: Tensor) -> Tensor:
+    """``transform(crops, *their factors)`` written in place into the crops where ``rows`` holds:
+    most transforms apply to a fraction of the crops, so they run only there (one host sync for
+    the index)."""
+    index = rows.nonzero().squeeze(1)
+    if len(index):
+        pixels[index] = transform(pixels[index], *(factor[index] for factor in factors))
+    return pixels
+
+
+def _adjust_hue(pixels: Tensor, hue: Tensor) -> Tensor:
+    """``TF.adjust_hue`` with one factor per crop (it takes one per call): its HSV round trip, with
+    torchvision's own converters (private, but they work on batches), the hue shifted per crop."""
+    h, s, v = _rgb_to_hsv(pixels).unbind(1)
+    return _hsv_to_rgb(torch.stack([h.add_(hue[:, None, None]).remainder_(1.0), s, v], 1))
+
+
+def _gaussian_blur(pixels: Tensor, sigma: Tensor) -> Tensor:
+    """``TF.gaussian_blur`` (BLUR's kernel size, reflect padding) with one sigma per crop (it takes
+    one per call): torchvision's kernel, softmax(-(x / sigma)^2) over the taps, built per crop, and
+    every crop's channels convolved at once as groups; separably (rows, then columns), since the
+    2-D kernel is the outer product of the 1-D one with itself."""
+    size = BLUR.kernel_size[0]
+    half = (size - 1) / (2.0 * math.sqrt(2.0))
+    taps = torch.linspace(-half, half, size, dtype=pixels.dtype, device=pixels.device)
+    kernel = torch.softmax(-(taps / sigma[:, None]).pow(2), dim=1).repeat_interleave(pixels.shape[1], 0)
+    channels = rearrange(pixels, "n c h w -> 1 (n c) h w")
+    padded = F.pad(channels, [size // 2] * 4, mode="reflect")
+    rows = F.conv2d(padded, kernel[:, None, None, :], groups=len(kernel))
+    return F.conv2d(rows, kernel[:, None, :, None], groups=len(kernel)).view_as(pixels)
+
+
+def _color_jitter(pixels: Tensor, draw: CropAugmentation) -> Tensor:
+    """ColorJitter with each crop's own factors and order (``TF.adjust_*`` take one factor per call);
+    returns a new tensor.
+
+    Brightness, contrast and saturation are each torchvision's blend clamp(f x + (1 - f) base) with
+    base black, the mean grey level or the grey image, so each of the four steps is one blend of
+    all crops with per-crop f and base; f = 1 leaves a crop unchanged (no jitter drawn, or its step
+    is hue). Hue then runs on the crops whose step it is.
+    """
+    factors = torch.stack([draw.brightness, draw.contrast, draw.saturation, torch.ones_like(draw.hue)], 1)
+    factors = factors.where(draw.jitter[:, None], 1.0)
+    for step in draw.order.unbind(1):
+        factor = factors.gather(1, step[:, None]).view(-1, 1, 1, 1)
+        grey = TF.rgb_to_grayscale(pixels)
+        is_contrast, is_saturation = (step.view(-1, 1, 1, 1) == code for code in (1, 2))
+        base = grey.mul(is_saturation).add_(grey.mean((1, 2, 3), keepdim=True) * is_contrast)  # 0 for brightness
+        pixels = pixels.mul(factor).add_(base.mul_(1 - factor)).clamp_(0, 1)
+        _transform_rows_(pixels, draw.jitter & (step == 3), _adjust_hue, draw.hue)
+    return pixels
+
+
+def apply_augmentation(pixels: Tensor, draw: CropAugmentation) -> Tensor:
+    """(N, 3, S, S) crops in [0, 1], each augmented by QUERY_AUGMENT with its own ``draw``, all at once."""
+    pixels = _color_jitter(pixels, draw)  # a new tensor: the steps below write into it
+    _transform_rows_(pixels, draw.grey, partial(TF.rgb_to_grayscale, num_output_channels=3))
+    return _transform_rows_(pixels, draw.blur, _gaussian_blur, draw.sigma)
+
+
 def augment_patches(patches: Tensor) -> Tensor:
     """Each normalised crop colour-jittered, greyed and blurred with its own random draw."""
-    augmented = torch.stack([_QUERY_AUGMENT(patch) for patch in denormalize(patches)])
-    return normalize(augmented).to(patches.dtype)
+    draw = CropAugmentation.sample(len(patches), patches.device)
+    return normalize(apply_augmentation(denormalize(patches), draw)).to(patches.dtype)
 
 
 def crop_targets(boxes: Tensor, sizes: Tensor) -> list[dict[str, Tensor]]:
