@@ -46,17 +46,22 @@ def amp_dtype(args: argparse.Namespace, device: torch.device | str) -> torch.dty
     return torch.bfloat16 if cpu_has_native_bfloat16() else None
 
 
+def is_emulated_bfloat16(args: argparse.Namespace, device: torch.device | str) -> bool:
+    """Whether this run autocasts to bfloat16 on a CPU that only emulates it (slow: worth a warning)."""
+    return (amp_dtype(args, device) == torch.bfloat16 and torch.device(device).type == "cpu"
+            and not cpu_has_native_bfloat16())
+
+
 def describe_precision(args: argparse.Namespace, device: torch.device | str) -> str | None:
     """The log line saying what ``--amp`` does on this device, or None without ``--amp``."""
     if not args.amp:
         return None
     dtype = amp_dtype(args, device)
-    emulated = torch.device(device).type == "cpu" and not cpu_has_native_bfloat16()
     if dtype is None:
         return (f"--amp: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bfloat16 (AVX512-BF16 or "
                 "AMX), where autocast would be slower than float32: running float32 (--amp_dtype bfloat16 forces it)")
     name = str(dtype).replace("torch.", "")
-    if emulated and dtype == torch.bfloat16:
+    if is_emulated_bfloat16(args, device):
         return f"mixed precision: autocast to {name}, EMULATED on this CPU: expect {EMULATED_BF16_COST}"
     return f"mixed precision: autocast to {name}"
 

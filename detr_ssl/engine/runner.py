@@ -30,7 +30,7 @@ from ..utils.errors import ConfigError
 from ..utils.logging import TensorBoardLogger, setup_logging
 from .checkpoint import (LATEST, build_checkpoint_state, load_checkpoint, load_finetune, load_for_evaluation,
                          load_pretrained_encoder, resume_training, save_checkpoint, save_epoch_checkpoint)
-from .amp import build_grad_scaler, describe_precision
+from .amp import build_grad_scaler, describe_precision, is_emulated_bfloat16
 from .evaluate import evaluate, evaluate_pretext
 from .faults import BadSteps, Interrupted, StopTraining, TooManyBadSteps, stop_on_signals
 from .optim import build_lr_scheduler, build_optimizer
@@ -203,7 +203,7 @@ def describe_run(args: argparse.Namespace, info: dist.DistInfo, model: torch.nn.
                 args.num_queries)
     precision = describe_precision(args, info.device)
     if precision:
-        (logger.warning if "EMULATED" in precision else logger.info)("%s", precision)
+        logger.log(logging.WARNING if is_emulated_bfloat16(args, info.device) else logging.INFO, "%s", precision)
     logger.info("effective batch: %d processes x %d images x %d accumulation steps = %d images per optimizer step",
                 info.world_size, args.batch_size, args.accum_steps, info.world_size * args.batch_size * args.accum_steps)
 
