@@ -24,7 +24,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from detr_ssl.data import DETECTION_DATASETS
+from detr_ssl.data import DETECTION_DATASETS, base_dataset
 from detr_ssl.data.coco import AnnotationScan, CocoDetection, _listing, split_paths, validate_annotations
 from detr_ssl.data.folder import ImageFolder
 from detr_ssl.utils import dist
@@ -120,6 +120,7 @@ def check_dataset(dataset: Dataset, level: str = "quick", shard: tuple[int, int]
     """
     if level not in CHECK_LEVELS:
         raise ValueError(f"level must be one of {CHECK_LEVELS}, got {level!r}")
+    dataset = base_dataset(dataset)
     if isinstance(dataset, CocoDetection):
         report = DataReport(str(dataset.ann_file))
         scan, record_lines = _scan(dataset.coco, dataset.ann_file)  # every shard needs the scan, one the counts

@@ -1,9 +1,9 @@
 """The official DETR augmentation, rebuilt on ``torchvision.transforms.v2``.
 
 A sample is ``(image, target)``: a PIL image and a dict whose ``boxes`` are absolute XYXY
-``tv_tensors.BoundingBoxes``, with per-box ``labels`` and ``iscrowd``. v2 transforms move the
-boxes with the pixels; the last step turns them into DETR targets (normalised cxcywh) and adds
-``size`` and ``area``.
+``tv_tensors.BoundingBoxes``, with per-box ``labels`` and ``iscrowd`` (and ``proposal_ids`` for
+pseudo-boxes, see ``proposals.py``). v2 transforms move the boxes with the pixels; the last step
+turns them into DETR targets (normalised cxcywh) and adds ``size`` and ``area``.
 
 The official sizes assume a shorter side of 800 px. All of them are scaled by
 ``min_size / 800`` so that small ``--min_size`` values keep the same augmentation, shrunk.
@@ -29,10 +29,15 @@ CROP_PRE_SCALES = (400, 500, 600)
 CROP_RANGE = (384, 600)
 
 
-def target_labels(sample: tuple[Any, dict[str, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Per-box tensors that ``SanitizeBoundingBoxes`` must drop together with the boxes."""
+# Per-box target tensors besides the boxes: a crop that drops a box drops its entry in each.
+PER_BOX_KEYS = ("labels", "iscrowd", "proposal_ids")
+
+
+def target_labels(sample: tuple[Any, dict[str, Tensor]]) -> tuple[Tensor, ...]:
+    """Per-box tensors that ``SanitizeBoundingBoxes`` must drop together with the boxes: those of
+    ``PER_BOX_KEYS`` the target holds."""
     target = sample[1]
-    return target["labels"], target["iscrowd"]
+    return tuple(target[key] for key in PER_BOX_KEYS if key in target)
 
 
 class RandomSizeCrop(v2.Transform):
@@ -100,14 +105,37 @@ def scaled(size: int, factor: float) -> int:
     return max(1, round(size * factor))
 
 
+def scaled_sizes(sizes: tuple[int, ...], min_size: int) -> list[int]:
+    """Official sizes (for a shorter side of 800 px) scaled to ``min_size``, sorted, without repeats."""
+    factor = min_size / OFFICIAL_MIN_SIZE
+    return sorted({scaled(size, factor) for size in sizes})
+
+
+def to_model_input() -> list[Any]:
+    """The steps every pipeline ends with: float pixels, ImageNet normalisation, boxes clamped to
+    the image, DETR targets."""
+    return [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.ClampBoundingBoxes(),
+        to_detr_target,
+    ]
+
+
+def untransformed(image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The identity transform: the raw sample (PIL image, absolute XYXY target), for wrappers such
+    as ``views.TwoViews`` that transform it themselves."""
+    return image, target
+
+
 def build_transforms(image_set: str, min_size: int = 800, max_size: int = 1333, augment: bool = True) -> v2.Compose:
     """Official DETR transforms for 'train' (flip, multi-scale resize, random crop) or 'val'."""
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
     if image_set == "train" and augment:
         factor = min_size / OFFICIAL_MIN_SIZE
-        scales = sorted({scaled(size, factor) for size in TRAIN_SCALES})
-        crop_pre_scales = sorted({scaled(size, factor) for size in CROP_PRE_SCALES})
+        scales = scaled_sizes(TRAIN_SCALES, min_size)
+        crop_pre_scales = scaled_sizes(CROP_PRE_SCALES, min_size)
         crop_min, crop_max = (scaled(size, factor) for size in CROP_RANGE)
         geometry = [
             v2.RandomHorizontalFlip(0.5),
@@ -122,14 +150,7 @@ def build_transforms(image_set: str, min_size: int = 800, max_size: int = 1333, 
         ]
     else:
         geometry = [resize(min_size, max_size)]
-    return v2.Compose([
-        v2.ToImage(),
-        *geometry,
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        v2.ClampBoundingBoxes(),
-        to_detr_target,
-    ])
+    return v2.Compose([v2.ToImage(), *geometry, *to_model_input()])
 
 
 def xyxy_boxes(boxes: Tensor, height: int, width: int) -> tv_tensors.BoundingBoxes:
