@@ -11,9 +11,12 @@ import argparse
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import yaml
+
+from .methods import METHODS, add_method_arguments
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -21,8 +24,7 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 MODELS = ("detr", "deformable_detr")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 DATASETS = ("coco", "isaid", "folder")
-SSL_TASKS = ("none", "reconstruction", "mim_continuous", "mim_discrete", "jigsaw_continuous", "jigsaw_discrete",
-             "updetr")
+SSL_TASKS = ("none", "reconstruction", "mim_continuous", "mim_discrete", "jigsaw_continuous", "jigsaw_discrete")
 SCHEDULES = ("constant", "linear", "cosine")
 COCO_EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")
 
@@ -32,7 +34,8 @@ ARCHITECTURE_FLAGS = (
     "model", "backbone", "backbone_norm", "dilation", "position_embedding", "enc_layers", "dec_layers",
     "dim_feedforward", "hidden_dim", "nheads", "num_queries", "pre_norm", "aux_loss", "num_classes",
     "num_feature_levels", "enc_n_points", "dec_n_points", "with_box_refine", "two_stage", "ssl_task", "ssl_mode",
-    "ssl_levels", "query_patches", "num_patches", "feature_recon", "min_size", "max_size",
+    "ssl_levels", "ssl_method", *(flag for method in METHODS.values() for flag in method.architecture_flags),
+    "min_size", "max_size",
 )
 
 # COCOeval's own object-size ranges (areas in px^2; 'inf' stands for its 1e5 ** 2).
@@ -179,8 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("self-supervised pretext task on the encoder")
     add = g.add_argument
-    add("--ssl_task", type=str, default="none", choices=SSL_TASKS,
-        help="pretext task on the encoder tokens; each token owns the image patch under it")
+    add("--ssl_task", type=str, default="none", choices=(*SSL_TASKS, *METHODS),
+        help="pretext task on the encoder tokens; each token owns the image patch under it. A whole-detector method "
+             "name (see --ssl_method) is a shorthand for --ssl_method NAME without an encoder task")
+    add("--ssl_method", type=str, default="none", choices=("none", *METHODS),
+        help="whole-detector pre-training method (decoder and heads too), alone or next to an --ssl_task: updetr "
+             "(random query patches), detreg (find --proposals pseudo-boxes, regress their features), box_contrast "
+             "(AlignDet/PreDet: contrast the pseudo-boxes' queries across two views); each with its flags below")
     add("--ssl_mode", type=str, default="multitask", choices=("pretrain", "multitask"),
         help="pretrain: SSL loss only (labelled or unlabelled images, no decoder); multitask: detection + weighted SSL loss")
     add("--ssl_ratio", type=float, default=0.5, help="fraction of each image's patches masked or permuted")
@@ -203,22 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
              "--query_patches or official UP-DETR checkpoint also decoder, queries and box head); the rest is new")
     add("--vis_every", type=int, default=200, metavar="N",
         help="TensorBoard image grid (input, corrupted, prediction, target; query-patch crops and boxes) every N steps (0: never)")
-
-    g = parser.add_argument_group("UP-DETR random query patches (decoder pre-training)")
-    add = g.add_argument
-    add("--query_patches", action="store_true",
-        help="random crops of each image, pooled by the backbone, join the object queries, and the decoder learns to "
-             "find them (UP-DETR); with --ssl_mode pretrain alone or next to an --ssl_task, with multitask next to "
-             "detection. '--ssl_task updetr' means --query_patches without an encoder task")
-    add("--num_patches", type=int, default=10, help="query patches (crops) per image; --num_queries must be a multiple")
-    add("--query_patch_loss_coef", type=float, default=1.0,
-        help="weight of the query-patch losses (each also carries its detection weight); follows --ssl_loss_schedule")
-    add("--feature_recon", action="store_true",
-        help="matched queries also reconstruct their crop's L2-normalised backbone feature (MSE, weight 1)")
-    add("--query_shuffle", action="store_true", help="draw which object query serves each patch slot, every step")
-    add("--fre_cnn", action="store_true",
-        help="freeze the whole backbone (sets --lr_backbone 0), as UP-DETR pre-training; without it, query-patch "
-             "pre-training trains the backbone at --lr unless --lr_backbone is given (official UP-DETR)")
 
     g = parser.add_argument_group("matcher and loss")
     add = g.add_argument
@@ -260,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--val_path", type=str, default=None, metavar="DIR",
         help="--ssl_mode pretrain: a folder tree of held-out images on which every evaluation reports the pretext "
              "losses (default: the --val_split of COCO-json data; none for --dataset_file folder)")
+    add("--proposals", type=str, default=None, metavar="FILE",
+        help="pseudo-boxes of the --dataset_file folder images (scripts/propose_boxes.py): the targets of "
+             "--ssl_method detreg and box_contrast; augmentation moves them like labels")
+    add("--proposal_top_k", type=int, default=None, metavar="K",
+        help="use only the K best-ranked pseudo-boxes of each image (default: all the file holds)")
+    add("--val_proposals", type=str, default=None, metavar="FILE",
+        help="pseudo-boxes of the --val_path images, for the validation loss of a pseudo-box method")
     add("--min_size", type=int, default=800,
         help="shorter image side at evaluation and the largest training scale; the official scales 480..800 are multiplied by MIN_SIZE/800")
     add("--max_size", type=int, default=1333, help="cap on the longer image side")
@@ -280,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="before training, check every image and record and stop listing all problems (with --skip_bad_samples: "
              "log them); quick: image headers and sizes, boxes, category ids, missing files (well under 1 s per "
              "1,000 images); full: also decode every image, to find truncated files; none: no check")
+    add_method_arguments(parser)
     return parser
 
 
@@ -359,24 +359,24 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error(f"--lr_linear_proj_mult must be >= 0, got {args.lr_linear_proj_mult}")
     elif args.with_box_refine or args.two_stage:
         parser.error("--with_box_refine and --two_stage are Deformable DETR options (--model deformable_detr)")
-    if args.ssl_task == "none" and not args.query_patches and args.ssl_mode == "pretrain":
-        parser.error("--ssl_mode pretrain needs a pretext task: set --ssl_task and/or --query_patches")
+    if args.ssl_task == "none" and args.ssl_method == "none" and args.ssl_mode == "pretrain":
+        parser.error("--ssl_mode pretrain needs a pretext task: set --ssl_task and/or --ssl_method")
+    if args.ssl_method != "none":
+        method = METHODS[args.ssl_method]
+        if args.ssl_mode not in method.modes:
+            parser.error(f"--ssl_method {args.ssl_method} pre-trains the whole detector on its own: use it with "
+                         f"--ssl_mode {' or '.join(method.modes)}, then start detection with --pretrain CKPT")
+        method.validate(args, parser.error)
     if args.ssl_mode == "pretrain" and args.ssl_loss_schedule != "constant":
         parser.error(f"--ssl_loss_schedule {args.ssl_loss_schedule} weighs the SSL loss against detection, which "
                      "--ssl_mode pretrain does not train: there it would only scale the loss down (a learning-rate "
                      "decay in disguise); drop it, or use --lr_drop")
-    if args.query_patches:
-        if args.num_patches < 1 or args.num_queries % args.num_patches:
-            parser.error(f"--num_queries ({args.num_queries}) must be a positive multiple of --num_patches "
-                         f"({args.num_patches}): each query patch gets an equal group of queries")
-        if args.query_patch_loss_coef < 0:
-            parser.error(f"--query_patch_loss_coef must be >= 0, got {args.query_patch_loss_coef}")
-    elif args.feature_recon or args.query_shuffle:
+    if args.ssl_method != "updetr" and (args.feature_recon or args.query_shuffle):
         parser.error("--feature_recon and --query_shuffle are options of the query patches: add --query_patches")
     if not args.ssl_backbone_grad:
         if args.ssl_task == "none":
             parser.error("--no-ssl_backbone_grad needs an --ssl_task (it keeps that task's loss out of the backbone)")
-        if args.ssl_task == "reconstruction" and (args.ssl_mode == "multitask" or args.query_patches):
+        if args.ssl_task == "reconstruction" and (args.ssl_mode == "multitask" or args.ssl_method != "none"):
             parser.error("--no-ssl_backbone_grad cannot apply to reconstruction next to detection or query patches: the "
                          "task reads the encoder tokens of the same clean pass, whose backbone they train; drop the flag")
     if args.ssl_task == "mim_discrete" and not args.tokenizer:
@@ -404,6 +404,19 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     if args.coco_eval_backend == "faster_coco_eval" and importlib.util.find_spec("faster_coco_eval") is None:
         parser.error("--coco_eval_backend faster_coco_eval: the faster-coco-eval package is not installed "
                      "(pip install -e '.[fast-eval]', or pip install faster-coco-eval)")
+    for name in ("proposals", "val_proposals"):
+        if getattr(args, name) and not Path(getattr(args, name)).is_file():
+            parser.error(f"--{name}: file not found: {getattr(args, name)} (compute it with scripts/propose_boxes.py)")
+    if args.proposals and args.dataset_file != "folder":
+        parser.error("--proposals gives pseudo-boxes to unlabelled images: use it with --dataset_file folder")
+    if args.proposal_top_k is not None and args.proposal_top_k < 1:
+        parser.error(f"--proposal_top_k must be >= 1 when given, got {args.proposal_top_k}")
+    method = METHODS.get(args.ssl_method)
+    if method is not None and method.needs_proposals and args.val_path and not args.val_proposals:
+        parser.error(f"--ssl_method {args.ssl_method} validates on pseudo-boxes: with --val_path give "
+                     "--val_proposals FILE too (scripts/propose_boxes.py --images VAL_DIR)")
+    if args.val_proposals and not args.val_path:
+        parser.error("--val_proposals holds the pseudo-boxes of --val_path images: give --val_path DIR too")
     if args.val_path is not None:
         if args.ssl_mode != "pretrain":
             parser.error("--val_path holds unlabelled held-out images for --ssl_mode pretrain; detection evaluates on "
@@ -415,7 +428,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
                      "(a folder of images not used for training)")
     if args.dataset_file == "folder" and args.ssl_mode != "pretrain":
         parser.error("--dataset_file folder holds unlabelled images: use it with --ssl_mode pretrain and an "
-                     "--ssl_task and/or --query_patches")
+                     "--ssl_task and/or --ssl_method")
     if args.dec_layers < 1:
         parser.error(f"--dec_layers must be >= 1, got {args.dec_layers}")
     for name in ("limit_train_batches", "limit_val_batches", "num_classes"):
@@ -452,22 +465,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(**from_yaml)
     args = parser.parse_args(argv)
     args.given = sorted({*from_yaml, *_flags_on_command_line(argv)})
-    if args.ssl_task == "updetr":  # a shorthand: query patches, no encoder task
-        args.ssl_task, args.query_patches = "none", True
+    resolve_method(args, parser.error)
     if args.fre_cnn:
         if args.lr_backbone not in (None, 0):
             parser.error(f"--fre_cnn freezes the backbone: it contradicts --lr_backbone {args.lr_backbone}")
         args.lr_backbone = 0.0
-    backbone_lr_given = args.lr_backbone is not None
+    given = set(args.given) | ({"lr_backbone"} if args.lr_backbone is not None else set())
     for key, value in MODEL_DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.query_patches and args.ssl_mode == "pretrain" and not backbone_lr_given:
-        args.lr_backbone = args.lr  # official UP-DETR pre-training: the backbone learns at --lr
+    if args.ssl_method != "none":
+        METHODS[args.ssl_method].configure(args, given)
     args.data_path = args.data_path or args.coco_path
     args.coco_path = args.data_path
     _validate(parser, args)
     return args
+
+
+def resolve_method(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> None:
+    """Normalise the method flags: ``--ssl_task METHOD`` is ``--ssl_method METHOD`` without an encoder
+    task, ``--query_patches`` is ``--ssl_method updetr`` (and saved configurations of either kind
+    read back the same); afterwards ``ssl_task`` names an encoder task or none and
+    ``query_patches`` says whether the method is UP-DETR."""
+    if args.ssl_task in METHODS:
+        if args.ssl_method not in ("none", args.ssl_task):
+            error(f"--ssl_task {args.ssl_task} and --ssl_method {args.ssl_method}: one whole-detector method per run")
+        args.ssl_task, args.ssl_method = "none", args.ssl_task
+    if getattr(args, "query_patches", False):
+        if args.ssl_method not in ("none", "updetr"):
+            error(f"--query_patches (UP-DETR) and --ssl_method {args.ssl_method}: one whole-detector method per run")
+        args.ssl_method = "updetr"
+    args.query_patches = args.ssl_method == "updetr"
 
 
 def _flags_on_command_line(argv: list[str] | None) -> set[str]:

@@ -6,6 +6,8 @@
     python scripts/benchmark_train.py --model detr --amp        # bfloat16 autocast on a CPU
     python scripts/benchmark_train.py --model detr --ssl_task mim_continuous   # multi-task SSL step
     python scripts/benchmark_train.py --model detr --ssl_task mim_continuous --overhead   # ... / plain step
+    python scripts/benchmark_train.py --model detr --ssl_method detreg --overhead   # DETReg step / plain step
+    python scripts/benchmark_train.py --model detr --ssl_method box_contrast --overhead   # two views / plain step
     python scripts/benchmark_train.py --model detr --profile    # also print torch.profiler's top ops
 
 Inputs are real sample photos resized to SIZE x SIZE with their real boxes, so the matcher and
@@ -28,15 +30,29 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
 sys.path.insert(0, str(REPO))
 
-from detr_ssl.config import parse_args  # noqa: E402
+from detr_ssl.config import MODEL_DEFAULTS, parse_args  # noqa: E402
 from detr_ssl.data import build_dataset, collate_fn  # noqa: E402
 from detr_ssl.engine.amp import amp_dtype, autocast, to_float32  # noqa: E402
 from detr_ssl.engine.optim import build_optimizer  # noqa: E402
 from detr_ssl.engine.train import weighted_loss  # noqa: E402
+from detr_ssl.methods import METHODS  # noqa: E402
 from detr_ssl.models import build_model  # noqa: E402
 from detr_ssl.utils.machine import cpu_name  # noqa: E402
+from detr_ssl.utils.misc import NestedTensor  # noqa: E402
+
+
+def pseudo_box_flags(extra: list[str]) -> list[str]:
+    """For a pseudo-box method (DETReg, box_contrast), the data flags it requires: the batch itself is
+    the sample's labelled photos with their boxes as pseudo-boxes (``pseudo_box_batch``), so the
+    --proposals file given is only checked to exist."""
+    named = {value for flag, value in zip(extra, extra[1:]) if flag in ("--ssl_method", "--ssl_task")}
+    if not any(name in METHODS and METHODS[name].needs_proposals for name in named):
+        return []
+    return ["--dataset_file", "folder", "--data_path", str(SAMPLE / "unlabelled"), "--ssl_mode", "pretrain",
+            "--proposals", str(SAMPLE / "annotations" / "instances_train.json")]
 
 
 def sample_batch(args: argparse.Namespace, batch_size: int, size: int, device: torch.device):
@@ -70,9 +86,28 @@ def training_step(args: argparse.Namespace, device: torch.device, samples, targe
 
 
 def without_self_supervision(args: argparse.Namespace) -> argparse.Namespace:
-    """The same detector and precision with no pretext task and no query patches: the plain step."""
-    return argparse.Namespace(**{**vars(args), "ssl_task": "none", "ssl_mode": "multitask", "query_patches": False,
-                                 "ssl_backbone_grad": True, "ssl_levels": False})
+    """The same detector and precision with no pretext task and no method: the plain detection step,
+    whose backbone trains and whose matcher weighs classes as the model's defaults say unless the
+    command line set them (a method may have frozen the backbone or dropped the class cost)."""
+    defaults = {key: MODEL_DEFAULTS[args.model][key] for key in ("lr_backbone", "set_cost_class")
+                if key not in args.given}
+    return argparse.Namespace(**{**vars(args), **defaults, "ssl_task": "none", "ssl_mode": "multitask",
+                                 "ssl_method": "none", "query_patches": False, "ssl_backbone_grad": True,
+                                 "ssl_levels": False, "num_classes": None})
+
+
+def pseudo_box_batch(samples: NestedTensor, targets: list[dict], views: int) -> tuple[NestedTensor, list[dict]]:
+    """The batch of a pseudo-box method: the sample's real boxes as class-agnostic pseudo-boxes
+    (``proposal_ids`` in file order) and, for two views, the batch followed by its mirror image."""
+    pseudo = [{**t, "labels": torch.zeros_like(t["labels"]), "proposal_ids": torch.arange(len(t["labels"]),
+                                                                                           device=t["labels"].device)}
+              for t in targets]
+    if views == 1:
+        return samples, pseudo
+    mirrored = [{**t, "boxes": t["boxes"] * t["boxes"].new_tensor([-1, 1, 1, 1]) + t["boxes"].new_tensor([1, 0, 0, 0])}
+                for t in pseudo]
+    both = NestedTensor(torch.cat([samples.tensors, samples.tensors.flip(-1)]), torch.cat([samples.mask] * 2))
+    return both, [{**t, "view": 0} for t in pseudo] + [{**t, "view": 1} for t in mirrored]
 
 
 def timed(step: Callable[[], None], synchronize: Callable[[], None]) -> float:
@@ -112,10 +147,15 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
 
-    args = parse_args(["--model", opts.model, "--backbone_weights", "none", "--data_path", str(REPO / "data" / "sample"),
-                       "--no-augment", "--device", opts.device, *extra])
-    samples, targets = sample_batch(args, opts.batch_size, opts.size, device)
-    step = training_step(args, device, samples, targets)
+    args = parse_args(["--model", opts.model, "--backbone_weights", "none", "--data_path", str(SAMPLE),
+                       "--no-augment", "--device", opts.device, *extra, *pseudo_box_flags(extra)])
+    samples, targets = sample_batch(argparse.Namespace(**{**vars(args), "dataset_file": "coco", "data_path": str(SAMPLE),
+                                                          "proposals": None}), opts.batch_size, opts.size, device)
+    method = METHODS.get(args.ssl_method)
+    if method is not None and method.needs_proposals:
+        step = training_step(args, device, *pseudo_box_batch(samples, targets, method.views))
+    else:
+        step = training_step(args, device, samples, targets)
     plain_step = training_step(without_self_supervision(args), device, samples, targets) if opts.overhead else None
 
     def synchronize() -> None:
@@ -142,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({
         "benchmark": "train_step", "model": opts.model, "batch_size": opts.batch_size, "size": opts.size,
         "queries": args.num_queries, "ssl_task": args.ssl_task, "ssl_mode": args.ssl_mode,
-        "ssl_backbone_grad": args.ssl_backbone_grad, "query_patches": args.query_patches, "precision": str(amp_dtype(args, device) or torch.float32).replace("torch.", ""), "device": str(device),
+        "ssl_backbone_grad": args.ssl_backbone_grad, "ssl_method": args.ssl_method, "precision": str(amp_dtype(args, device) or torch.float32).replace("torch.", ""), "device": str(device),
         "s_per_it": round(seconds, 4), "s_per_it_min": round(min(times), 4), "imgs_per_s": round(opts.batch_size / seconds, 3),
         "peak_memory_mb": round(peak / 2**20, 1), "iters": opts.iters,
         **({"plain_s_per_it": round(statistics.median(plain_times), 4),

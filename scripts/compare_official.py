@@ -414,19 +414,19 @@ class PatchRecorder:
     """Records the query patches our model draws, for the official UP-DETR model to get the same."""
 
     def __init__(self, model: nn.Module):
-        self.model, self.last = model, None
-        self.original = model.make_patch_queries
+        self.method, self.last = model.ssl_method, None
+        self.original = self.method.make_patch_queries
 
     def __enter__(self) -> PatchRecorder:
-        def record(samples: Any) -> Any:
-            self.last = self.original(samples)
+        def record(detector: nn.Module, samples: Any) -> Any:
+            self.last = self.original(detector, samples)
             return self.last
 
-        self.model.make_patch_queries = record
+        self.method.make_patch_queries = record
         return self
 
     def __exit__(self, *_exc: Any) -> None:
-        del self.model.make_patch_queries  # back to the class method
+        del self.method.make_patch_queries  # back to the class method
 
 
 @contextlib.contextmanager
@@ -444,7 +444,7 @@ def no_patch_dropping(side: Side) -> Iterator[None]:
         finally:
             side.model.mask_ratio = old
         return
-    module = importlib.import_module("detr_ssl.models.query_patches")
+    module = importlib.import_module("detr_ssl.ssl.updetr")
     old, module.PATCH_DROP_RATIO = module.PATCH_DROP_RATIO, 0.0
     try:
         yield

@@ -32,13 +32,15 @@ def test_benchmark_train_times_a_step(capsys, flags):
 
 @pytest.mark.parametrize("flags", [["--ssl_task", "mim_continuous"],
                                    ["--ssl_task", "jigsaw_continuous", "--no-ssl_backbone_grad"],
-                                   ["--query_patches", "--num_patches", "10"]])
+                                   ["--query_patches", "--num_patches", "10"],
+                                   ["--ssl_method", "detreg"], ["--ssl_method", "box_contrast"]])
 def test_benchmark_train_overhead_compares_with_the_plain_step(capsys, flags):
     benchmark_train.main([*TINY_TRAIN, "--overhead", *flags])
     result = printed_json(capsys)
     assert result["overhead"] == pytest.approx(result["s_per_it"] / result["plain_s_per_it"], abs=2e-3)
     assert result["ssl_backbone_grad"] == ("--no-ssl_backbone_grad" not in flags)
-    assert result["query_patches"] == ("--query_patches" in flags)
+    assert result["ssl_method"] == ("updetr" if "--query_patches" in flags else flags[1] if "--ssl_method" in flags
+                                    else "none")
 
 
 def test_benchmark_matcher_checks_both_implementations_agree(capsys):

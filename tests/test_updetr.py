@@ -19,6 +19,8 @@ from detr_ssl.engine.checkpoint import load_model_state, load_pretrained_encoder
 from detr_ssl.models import build_model
 from detr_ssl.models.criterion import SetCriterion
 from detr_ssl.models.matcher import HungarianMatcher
+from detr_ssl.methods.updetr import feature_reconstruction_loss
+from detr_ssl.models.passes import ExtraQueries
 from detr_ssl.ssl.updetr import (BLUR, BLUR_P, GREYSCALE, JITTER, JITTER_P, MIN_PIXEL, PATCH_SIZE, QUERY_AUGMENT,
                                  CropAugmentation, apply_augmentation, augment_patches, crop_patches, crop_targets,
                                  group_attention_mask, sample_crop_boxes, valid_sizes)
@@ -179,11 +181,18 @@ def test_decoder_groups_do_not_see_each_other(coco_batch, model_flags):
     model, _, _ = build_model(args)
     model.eval()  # no dropout, no augmentation, no slot dropping
     samples, _ = coco_batch
-    patch_queries = model.make_patch_queries(samples)
-    before = model.run(samples, decode=False, patch_queries=patch_queries)[0]["patch_outputs"]
+    method = model.ssl_method
+    patch_queries = method.make_patch_queries(model, samples)
+
+    def patch_outputs() -> dict:
+        extra = ExtraQueries(patch_queries.queries, patch_queries.order, model.patch_attn_mask,
+                             method.patch_class_heads(model))
+        return method.patch_outputs(model, model.run(samples, decode=False, extra=extra), patch_queries)
+
+    before = patch_outputs()
     per_group = args.num_queries // args.num_patches
     patch_queries.queries[:, per_group:2 * per_group] += 1.0  # the second crop
-    after = model.run(samples, decode=False, patch_queries=patch_queries)[0]["patch_outputs"]
+    after = patch_outputs()
     for layer_before, layer_after in zip([*before["aux_outputs"], before], [*after["aux_outputs"], after]):
         changed = (layer_before["pred_boxes"] - layer_after["pred_boxes"]).abs().amax((0, 2)) > 1e-6
         assert changed.tolist() == [per_group <= q < 2 * per_group for q in range(args.num_queries)]
@@ -210,7 +219,7 @@ def test_patch_losses_are_zero_for_perfect_predictions(focal):
                "gt_feature": features}
     classification = {"focal_alpha": 0.25} if focal else {"eos_coef": 0.1}
     criterion = SetCriterion(2, HungarianMatcher(1.0 if not focal else 2.0, 5.0, 2.0, focal=focal), {},
-                             losses=("labels", "boxes", "cardinality", "feature"), **classification)
+                             matched_losses={"feature": feature_reconstruction_loss}, **classification)
     losses = criterion.detection_set_losses(outputs, targets)
     for name in ("loss_ce", "loss_bbox", "loss_giou", "loss_feature", "class_error", "cardinality_error"):
         assert losses[name].item() == pytest.approx(0.0, abs=1e-6), name

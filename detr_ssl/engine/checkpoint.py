@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from detr_ssl.methods import METHODS, method_of_state
 from detr_ssl.utils.dist import all_gather_object, get_rank, get_world_size
 from detr_ssl.utils.errors import MissingFileError, UserError
 
@@ -350,8 +351,8 @@ def resume_training(
     return checkpoint["epoch"] + 1
 
 
-# Heads that only a pretext task reads: evaluating detection without them computes the same outputs.
-PRETEXT_ONLY_PREFIXES = ("ssl_head.", "patch_class_embed.", "patch2query.", "feature_align.")
+# Heads that only a pretext task or method reads: evaluating detection without them computes the same outputs.
+PRETEXT_ONLY_PREFIXES = ("ssl_head.", *(prefix for method in METHODS.values() for prefix in method.module_prefixes))
 
 
 def load_for_evaluation(model: nn.Module, checkpoint: dict[str, Any], location: str | os.PathLike,
@@ -419,20 +420,19 @@ def load_finetune(model: nn.Module, path: str | os.PathLike, logger: logging.Log
 
 
 PRETRAINED_PREFIXES = ("backbone.", "input_proj.", "transformer.encoder.", "transformer.level_embed")
-# What a query-patch (UP-DETR) pre-training does not hand on: the object/no-object classifier and
-# the patch-only heads, as the official fine-tuning, which drops class_embed and ignores the rest.
-NOT_FROM_QUERY_PATCHES = ("class_embed.", *PRETEXT_ONLY_PREFIXES)
 
 
 def _pretrained_part(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The tensors of a pre-training checkpoint that detection starts from.
 
     An encoder-task pre-training trained backbone, input projection and encoder only: its decoder
-    and heads never learned. A query-patch pre-training (recognised by ``patch2query``) trained
-    the decoder, queries and box head too, so everything but the classifiers carries over.
+    and heads never learned. A whole-detector method's pre-training (recognised by its modules,
+    e.g. UP-DETR's ``patch2query``) trained the decoder, queries and box head too: what the
+    method hands on (everything but the classifier and its own heads) carries over.
     """
-    if "patch2query.weight" in state:
-        return {k: v for k, v in state.items() if not k.startswith(NOT_FROM_QUERY_PATCHES)}
+    method = method_of_state(state)
+    if method is not None:
+        return {k: v for k, v in method.pretrained_part(state).items() if not k.startswith(PRETEXT_ONLY_PREFIXES)}
     return {k: v for k, v in state.items() if k.startswith(PRETRAINED_PREFIXES)}
 
 

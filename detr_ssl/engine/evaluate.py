@@ -24,8 +24,7 @@ from detr_ssl.config import AREA_UNBOUNDED, COCO_AREA_RANGES, parse_area_ranges
 from detr_ssl.data.bad_samples import log_skipped, skipped_in
 from detr_ssl.engine.amp import autocast, to_float32
 from detr_ssl.engine.coco_backend import coco_evaluator
-from detr_ssl.engine.train import (Targets, batch_limit, image_ids, log_patch_images, log_ssl_images, logged_losses,
-                                   to_device)
+from detr_ssl.engine.train import Targets, batch_limit, image_ids, log_pictures, logged_losses, to_device
 from detr_ssl.utils.dist import all_gather_object, is_main_process
 from detr_ssl.utils.logging import MetricTracker, TensorBoardLogger
 from detr_ssl.utils.misc import NestedTensor
@@ -257,10 +256,7 @@ def evaluate_pretext(
                 outputs = to_float32(model(samples))
             meter.update(logged_losses(criterion(outputs, targets), criterion.weight_dict))
             if index == 0 and tb.active:
-                if "ssl_outputs" in outputs:
-                    log_ssl_images(model, outputs["ssl_outputs"], tb, epoch, prefix="val/")
-                if "patch_outputs" in outputs:
-                    log_patch_images(outputs["patch_outputs"], tb, epoch, prefix="val/")
+                log_pictures(model, outputs, targets, tb, epoch, prefix="val/")
     summary = meter.summary()
     tb.scalars(summary, epoch, "val")
     logger.info("epoch %d val (pretext task on %d held-out batches): %s", epoch, num_batches, meter.format())

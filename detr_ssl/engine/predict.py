@@ -39,7 +39,7 @@ def _saved_args(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 def inference_args(checkpoint: dict[str, Any], device: str) -> argparse.Namespace:
     """The configuration a checkpoint was trained with, completed with today's defaults, for
-    building its detector: no weight download, no pretext task (its ``ssl_head.*`` is dropped).
+    building its detector: no weight download, no pretext task or method (their heads are dropped).
 
     Official DETR / Deformable DETR checkpoints save no ``model`` or ``num_classes``: they are
     read off the state dict (a level embedding means Deformable DETR; the class head's rows
@@ -60,6 +60,7 @@ def inference_args(checkpoint: dict[str, Any], device: str) -> argparse.Namespac
             setattr(args, key, value)
     args.device, args.backbone_weights, args.pretrain, args.resume = device, "none", "", ""
     args.ssl_task, args.ssl_levels, args.tokenizer = "none", False, None
+    args.ssl_method, args.query_patches = "none", False
     return args
 
 

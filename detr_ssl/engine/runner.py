@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import ARCHITECTURE_FLAGS, save_config
-from ..data import ImageFolder, build_dataset, category_names_of, collate_fn, get_coco_api, num_classes_of
+from ..config import ARCHITECTURE_FLAGS, resolve_method, save_config
+from ..data import build_dataset, category_names_of, collate_for, get_coco_api, is_unlabelled, num_classes_of
 from ..data.check import check_datasets
 from ..data.loader import build_loader, set_epoch
 from ..models import COCO_NUM_CLASSES, build_model
-from ..models.criterion import query_patch_weight_dict
+from ..methods import METHODS
 from ..ssl.schedule import schedule_value
 from ..utils import dist
-from ..utils.errors import ConfigError
+from ..utils.errors import ConfigError, config_error
 from ..utils.logging import TensorBoardLogger, setup_logging
 from .checkpoint import (LATEST, build_checkpoint_state, load_checkpoint, load_finetune, load_for_evaluation,
                          load_pretrained_encoder, resume_training, save_checkpoint, save_epoch_checkpoint)
@@ -96,7 +96,7 @@ def resolve_num_classes(args: argparse.Namespace, datasets: list, logger: loggin
 
     Unlabelled images have no classes: the classifier keeps ``--num_classes`` or COCO's 91.
     """
-    labelled = [d for d in datasets if not isinstance(d, ImageFolder)]
+    labelled = [d for d in datasets if not is_unlabelled(d)]
     if not labelled:
         args.num_classes = args.num_classes or COCO_NUM_CLASSES
         return
@@ -111,11 +111,11 @@ def resolve_num_classes(args: argparse.Namespace, datasets: list, logger: loggin
 
 def apply_ssl_schedules(model: torch.nn.Module, criterion: torch.nn.Module, args: argparse.Namespace, step: int,
                         total_steps: int) -> None:
-    """Set the SSL loss weights (lambda, and the query patches' by the same factor) and the
+    """Set the SSL loss weights (lambda, and the method's by the same factor) and the
     masking/permutation ratio of optimizer step ``step`` of ``total_steps`` from their schedules."""
-    if args.query_patches:
+    if model.ssl_method is not None:
         factor = schedule_value(args.ssl_loss_schedule, 1.0, step, total_steps)
-        criterion.weight_dict.update(query_patch_weight_dict(args, factor))
+        criterion.weight_dict.update(model.ssl_method.weight_dict(factor))
     if model.ssl_head is not None:
         criterion.weight_dict["loss_ssl"] = schedule_value(args.ssl_loss_schedule, args.ssl_loss_coef, step,
                                                            total_steps)
@@ -128,16 +128,17 @@ def announce_ssl_schedules(model: torch.nn.Module, criterion: torch.nn.Module, a
     every epoch for decaying ones (TensorBoard has them per step)."""
     if epoch != args.start_epoch and args.ssl_loss_schedule == args.ssl_ratio_schedule == "constant":
         return
-    if args.query_patches:
-        logger.info("epoch %d: query patches (%s, %d per image) with weight %.4g", epoch, args.ssl_mode,
-                    args.num_patches, schedule_value(args.ssl_loss_schedule, args.query_patch_loss_coef, step,
-                                                     total_steps))
+    if model.ssl_method is not None:
+        factor = schedule_value(args.ssl_loss_schedule, 1.0, step, total_steps)
+        logger.info("epoch %d: %s%s", epoch, model.ssl_method.describe(),
+                    "" if factor == 1.0 else f", scaled by {factor:.4g} (--ssl_loss_schedule)")
     if model.ssl_head is not None:
         logger.info("epoch %d: pretext task %s (%s) with lambda %.4g, ratio %.3g", epoch, args.ssl_task,
                     args.ssl_mode, criterion.weight_dict["loss_ssl"], model.ssl_head.ratio)
 
 
-PRETEXT_FLAGS = ("ssl_task", "ssl_mode", "ssl_levels", "query_patches", "num_patches", "feature_recon")
+PRETEXT_FLAGS = ("ssl_task", "ssl_mode", "ssl_levels", "ssl_method",
+                 *(flag for method in METHODS.values() for flag in method.architecture_flags))
 
 
 def adopt_checkpoint_architecture(args: argparse.Namespace, checkpoint: dict, logger: logging.Logger) -> None:
@@ -157,17 +158,19 @@ def adopt_checkpoint_architecture(args: argparse.Namespace, checkpoint: dict, lo
     if "backbone_weights" not in given:
         adopted["backbone_weights"] = "none"  # the checkpoint's weights replace them: nothing to download
     vars(args).update(adopted)
+    resolve_method(args, config_error)
     logger.info("--eval: from the checkpoint's configuration: %s",
                 ", ".join(f"--{key} {value}" for key, value in adopted.items()))
 
 
-def build_validation_dataset(args: argparse.Namespace, logger: logging.Logger):
+def build_validation_dataset(args: argparse.Namespace, views: int, logger: logging.Logger):
     """The images every evaluation runs on: the labelled ``--val_split`` for detection; for a
-    pre-training run ``--val_path``, else the ``--val_split`` of COCO-json data, else none."""
+    pre-training run ``--val_path``, else the ``--val_split`` of COCO-json data, else none; in
+    ``views`` views, as the method trains on them."""
     if args.ssl_mode == "pretrain" and args.dataset_file == "folder" and not args.val_path:
         logger.info("pre-training without held-out images: no validation loss (pass --val_path DIR to get one)")
         return None
-    return build_dataset("val", args)
+    return build_dataset("val", args, views=views)
 
 
 def warn_about_ignored_settings(args: argparse.Namespace, dataset_train, categories: dict[int, str],
@@ -179,7 +182,7 @@ def warn_about_ignored_settings(args: argparse.Namespace, dataset_train, categor
         logger.warning("--tokenizer is read only by --ssl_task mim_discrete: ignored with --ssl_task %s", args.ssl_task)
     if args.amp_dtype != "auto" and not args.amp:
         logger.warning("--amp_dtype %s has no effect without --amp: the run is float32", args.amp_dtype)
-    if dataset_train is not None and not isinstance(dataset_train, ImageFolder):
+    if dataset_train is not None and not is_unlabelled(dataset_train):
         counts = [len(anns) for anns in get_coco_api(dataset_train).imgToAnns.values()]
         crowded = [count for count in counts if count > args.num_queries]
         if crowded:
@@ -226,12 +229,13 @@ def run(args: argparse.Namespace) -> dict:
     if args.eval and checkpoint is not None:
         adopt_checkpoint_architecture(args, checkpoint, logger)
     detects = args.ssl_mode != "pretrain"  # pre-training has no detection targets to evaluate
-    dataset_val = build_validation_dataset(args, logger)
-    dataset_train = None if args.eval else build_dataset("train", args)
+    views = METHODS[args.ssl_method].views if args.ssl_method != "none" else 1  # a method may want two views
+    dataset_val = build_validation_dataset(args, views, logger)
+    dataset_train = None if args.eval else build_dataset("train", args, views=views)
     datasets = [d for d in (dataset_train, dataset_val) if d is not None]
     check_datasets(datasets, args.check_data, args.skip_bad_samples, logger)  # every rank its share; all stop alike
     resolve_num_classes(args, datasets, logger)
-    labelled = [d for d in datasets if not isinstance(d, ImageFolder)]
+    labelled = [d for d in datasets if not is_unlabelled(d)]
     categories = category_names_of(labelled[0]) if labelled else {}  # saved in every checkpoint
     warn_about_ignored_settings(args, dataset_train, categories, checkpoint, logger)
     if output_dir and dist.is_main_process():
@@ -270,8 +274,9 @@ def run(args: argparse.Namespace) -> dict:
                             start_batch, checkpoint["interrupted_at"]["reason"])
             logger.info("resumed from %s", args.resume)
 
-    loader_val = None if dataset_val is None else build_loader(dataset_val, args, train=False, collate_fn=collate_fn,
-                                                               rank=info.rank, world_size=info.world_size)
+    loader_val = None if dataset_val is None else build_loader(dataset_val, args, train=False,
+                                                               collate_fn=collate_for(views), rank=info.rank,
+                                                               world_size=info.world_size)
     tb = TensorBoardLogger(args.output_dir if dist.is_main_process() else None, enabled=args.tensorboard)
     if detects:
         validate = partial(evaluate, postprocessors=postprocessors, coco_gt=get_coco_api(dataset_val),
@@ -281,7 +286,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         if args.eval:
             return validate(model, criterion, data_loader=loader_val, epoch=args.start_epoch)
-        loader_train = build_loader(dataset_train, args, train=True, collate_fn=collate_fn, rank=info.rank,
+        loader_train = build_loader(dataset_train, args, train=True, collate_fn=collate_for(views), rank=info.rank,
                                     world_size=info.world_size)
         if detects and args.val_split == args.train_split and args.dataset_file != "folder":
             logger.warning("evaluating on the training split '%s': the AP measures memorisation (an overfitting "

@@ -17,7 +17,6 @@ from tqdm import tqdm
 from detr_ssl.data.bad_samples import log_skipped, skipped_in
 from detr_ssl.engine.amp import autocast, build_grad_scaler, to_float32
 from detr_ssl.engine.faults import BadSteps, Interrupted, StopRequest, TooManyBadSteps
-from detr_ssl.ssl.updetr import draw_patch_localisation, draw_patches
 from detr_ssl.utils.dist import all_gather_object, is_main_process, reduce_dict
 from detr_ssl.utils.logging import MetricTracker, TensorBoardLogger
 from detr_ssl.utils.misc import NestedTensor
@@ -106,39 +105,39 @@ def _skip_step(model: nn.Module, optimizer: torch.optim.Optimizer, buffers: list
             epoch, batches, reason="non-finite losses")
 
 
-@torch.no_grad()
-def log_ssl_images(model: nn.Module, ssl_outputs: dict[str, Any], tb: TensorBoardLogger, step: int,
-                   prefix: str = "") -> None:
-    """The pretext task's grid (input, corrupted input, prediction, target) to TensorBoard
-    (``prefix`` 'val/' for validation images)."""
-    task = (model.module if isinstance(model, DistributedDataParallel) else model).ssl_head
-    grid = task.visualize(ssl_outputs["images"], ssl_outputs["corrupted"], ssl_outputs["prediction"],
-                          ssl_outputs["targets"], ssl_outputs["valid"])
-    tb.images(f"{prefix}ssl/{type(task).name}", grid, step, rows=4)
+def unwrap(model: nn.Module) -> nn.Module:
+    """The detector inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-@torch.no_grad()
-def log_patch_images(patch_outputs: dict[str, Any], tb: TensorBoardLogger, step: int, prefix: str = "") -> None:
-    """UP-DETR pictures: the crops fed as queries, and each image with its crop boxes (green) and
-    the box its query group found for each crop (red); ``prefix`` 'val/' for validation images."""
-    num_images = min(len(patch_outputs["targets"]), 2)
-    num_patches = len(patch_outputs["targets"][0]["boxes"])
-    tb.images(f"{prefix}ssl/query_patches", draw_patches(patch_outputs["patches"], num_images, num_patches), step,
-              rows=num_images)
-    pictures = draw_patch_localisation(patch_outputs["images"], patch_outputs["sizes"], patch_outputs["targets"],
-                                       patch_outputs["object_scores"], patch_outputs["pred_boxes"], num_images)
-    tb.images(f"{prefix}ssl/query_patch_boxes", pictures, step, rows=1)
+def model_hook(model: nn.Module, name: str) -> Callable | None:
+    """The detector's optional engine hook ``name`` (``pictures``, ``after_optimizer_step``), or None:
+    any detector module trains here, ours add pretext pictures and per-step work through these."""
+    return getattr(unwrap(model), name, None)
+
+
+def log_pictures(model: nn.Module, outputs: dict[str, Any], targets: Targets, tb: TensorBoardLogger, step: int,
+                 prefix: str = "") -> None:
+    """The pretext task's and method's pictures of a batch's outputs to TensorBoard (``prefix`` 'val/'
+    for validation images)."""
+    pictures = model_hook(model, "pictures")
+    for tag, images, rows in pictures(outputs, targets) if pictures is not None else ():
+        tb.images(prefix + tag, images, step, rows=rows)
 
 
 def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, clip_max_norm: float,
                     scaler: torch.amp.GradScaler) -> None:
-    """Unscale (float16 AMP), clip, step; a disabled scaler makes this a plain clipped step."""
+    """Unscale (float16 AMP), clip, step; a disabled scaler makes this a plain clipped step. Then
+    the model's own after-step work (a pre-training method's momentum copy)."""
     scaler.unscale_(optimizer)
     if clip_max_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    after_step = model_hook(model, "after_optimizer_step")
+    if after_step is not None:
+        after_step()
 
 
 def train_one_epoch(
@@ -210,12 +209,8 @@ def train_one_epoch(
         else:
             _warn_non_finite(losses, epoch, index, targets, logger)
             window_is_bad = True
-        pictures = "ssl_outputs" in outputs or "patch_outputs" in outputs
-        if pictures and tb.active and args.vis_every and index % args.vis_every == 0:
-            if "ssl_outputs" in outputs:
-                log_ssl_images(model, outputs["ssl_outputs"], tb, step)
-            if "patch_outputs" in outputs:
-                log_patch_images(outputs["patch_outputs"], tb, step)
+        if model_hook(model, "pictures") is not None and tb.active and args.vis_every and index % args.vis_every == 0:
+            log_pictures(model, outputs, targets, tb, step)
         if steps_now:
             if window_is_bad:
                 _skip_step(model, optimizer, buffers, bad_steps, epoch, index + 1, tb, step)

@@ -6,6 +6,8 @@ Loss names and values follow the official code (``loss_ce``, ``loss_bbox``, ``lo
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from ..utils.box_ops import cxcywh_to_xyxy
 from .matcher import HungarianMatcher
 
 Indices = list[tuple[Tensor, Tensor]]
+MatchedLoss = Callable[[dict, list[dict], Indices, float], dict[str, Tensor]]
 
 
 def matched_query_index(indices: Indices) -> tuple[Tensor, Tensor]:
@@ -38,6 +41,10 @@ def average_num_boxes(targets: list[dict[str, Tensor]], device: torch.device) ->
 class SetCriterion(nn.Module):
     """Hungarian-matched set losses.
 
+    ``matched_losses`` (name -> function(outputs, targets, indices, num_boxes)) add a method's losses
+    of matched queries; ``pretext_losses`` (functions of outputs and targets) add the losses of
+    the encoder task and the pre-training method on their own outputs.
+
     Classification is a softmax over the classes plus no-object, the no-object weight being
     ``eos_coef`` (DETR), or, with ``focal_alpha``, a sigmoid focal loss per class where
     no-object is all-negative (Deformable DETR). Two-stage encoder proposals (``enc_outputs``)
@@ -46,18 +53,19 @@ class SetCriterion(nn.Module):
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
                  eos_coef: float = 0.1, focal_alpha: float | None = None,
-                 losses: tuple[str, ...] = ("labels", "boxes", "cardinality"), ssl_task: nn.Module | None = None,
-                 patch_criterion: SetCriterion | None = None):
+                 losses: tuple[str, ...] = ("labels", "boxes", "cardinality"),
+                 matched_losses: dict[str, MatchedLoss] | None = None,
+                 pretext_losses: tuple[Callable[[dict, list[dict]], dict[str, Tensor]], ...] = ()):
         super().__init__()
-        # the task's loss, not the task: its head belongs to the model (and its checkpoint)
-        self.ssl_loss = None if ssl_task is None else ssl_task.outputs_loss
-        self.patch_criterion = patch_criterion  # UP-DETR: the crops' set losses, reported as loss_patch_*
+        # functions, not modules: the heads they score belong to the model (and its checkpoint)
+        self.matched_losses = dict(matched_losses or {})
+        self.pretext_losses = pretext_losses
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.eos_coef = eos_coef
         self.focal_alpha = focal_alpha
-        self.losses = losses
+        self.losses = (*losses, *self.matched_losses)
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight)
@@ -100,20 +108,10 @@ class SetCriterion(nn.Module):
                                              reduction="sum", eps=0.0)
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou / num_boxes}
 
-    def loss_feature(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float) -> dict[str, Tensor]:
-        """UP-DETR feature reconstruction: squared distance between the L2-normalised features that
-        matched queries reconstruct and their crops' pooled backbone features, summed over matches
-        and divided by the number of targets."""
-        predicted = outputs["pred_feature"][matched_query_index(indices)]
-        crop_features = outputs["gt_feature"].unflatten(0, (len(indices), -1))
-        target = torch.cat([features[j] for features, (_, j) in zip(crop_features, indices)])
-        loss = F.mse_loss(F.normalize(predicted, dim=1), F.normalize(target, dim=1), reduction="sum")
-        return {"loss_feature": loss / num_boxes}
-
     def get_loss(self, name: str, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float,
                  **kwargs) -> dict[str, Tensor]:
         loss_map = {"labels": self.loss_labels, "cardinality": self.loss_cardinality, "boxes": self.loss_boxes,
-                    "feature": self.loss_feature}
+                    **self.matched_losses}
         if name not in loss_map:
             raise ValueError(f"unknown loss {name!r}; known: {sorted(loss_map)}")
         return loss_map[name](outputs, targets, indices, num_boxes, **kwargs)
@@ -129,16 +127,11 @@ class SetCriterion(nn.Module):
         return {key + suffix: value for key, value in losses.items()}
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
-        """Detection losses for the detection outputs, ``loss_ssl`` for ``ssl_outputs`` and the
-        ``loss_patch_*`` set losses of the query patches (``patch_outputs``, matched against their
-        own crop boxes): pre-training outputs hold only the latter two."""
+        """Detection losses for the detection outputs (``pred_logits``...), and the pretext losses
+        (e.g. ``loss_ssl``, ``loss_patch_*``) of the task's and method's own outputs."""
         losses = {}
-        if "ssl_outputs" in outputs:
-            losses.update(self.ssl_loss(outputs["ssl_outputs"]))
-        if "patch_outputs" in outputs:
-            patches = outputs["patch_outputs"]
-            losses.update({patch_loss_name(k): v
-                           for k, v in self.patch_criterion.detection_set_losses(patches, patches["targets"]).items()})
+        for pretext_loss in self.pretext_losses:
+            losses.update(pretext_loss(outputs, targets))
         if "pred_logits" in outputs:
             losses.update(self.detection_set_losses(outputs, targets))
         return losses
@@ -164,13 +157,7 @@ def top1_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     return (logits.argmax(-1) == labels).float().mean() * 100
 
 
-def patch_loss_name(name: str) -> str:
-    """The name of a query-patch loss: ``loss_ce_0`` -> ``loss_patch_ce_0``, ``class_error`` ->
-    ``patch_class_error``."""
-    return "loss_patch_" + name[len("loss_"):] if name.startswith("loss_") else "patch_" + name
-
-
-def _set_weights(args, last_layer: dict[str, float], proposals: bool) -> dict[str, float]:
+def repeat_for_aux_layers(args, last_layer: dict[str, float], proposals: bool) -> dict[str, float]:
     """``last_layer``'s weights repeated for each auxiliary decoder layer (and the proposals)."""
     weights = dict(last_layer)
     if args.aux_loss:
@@ -180,28 +167,16 @@ def _set_weights(args, last_layer: dict[str, float], proposals: bool) -> dict[st
     return weights
 
 
-def _class_coef(args) -> float:
+def class_loss_coef(args) -> float:
     """The class weight: 1 for DETR, ``--cls_loss_coef`` for Deformable DETR."""
     return args.cls_loss_coef if args.model == "deformable_detr" else 1.0
 
 
-def query_patch_weight_dict(args, scale: float = 1.0) -> dict[str, float]:
-    """Weights of the UP-DETR losses: the detection weights (and 1 for ``--feature_recon``), times
-    ``--query_patch_loss_coef`` and ``scale`` (the --ssl_loss_schedule factor of the step)."""
-    last_layer = {"loss_ce": _class_coef(args), "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
-    if args.feature_recon:
-        last_layer["loss_feature"] = 1.0
-    coef = args.query_patch_loss_coef * scale
-    return {patch_loss_name(k): v * coef for k, v in _set_weights(args, last_layer, proposals=False).items()}
-
-
 def detection_weight_dict(args) -> dict[str, float]:
     """Loss weights for the last decoder layer and, with ``--aux_loss``, each earlier one (and the
-    two-stage proposals); then the SSL weights: ``loss_ssl`` (lambda) and the query patches'."""
-    last_layer = {"loss_ce": _class_coef(args), "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
-    weights = _set_weights(args, last_layer, proposals=getattr(args, "two_stage", False))
+    two-stage proposals), and the encoder task's ``loss_ssl`` (lambda); a method adds its own."""
+    last_layer = {"loss_ce": class_loss_coef(args), "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
+    weights = repeat_for_aux_layers(args, last_layer, proposals=getattr(args, "two_stage", False))
     if args.ssl_task != "none":
         weights["loss_ssl"] = args.ssl_loss_coef  # lambda; a --ssl_loss_schedule updates it every optimizer step
-    if getattr(args, "query_patches", False):
-        weights.update(query_patch_weight_dict(args))
     return weights

@@ -18,7 +18,7 @@ from ..utils.box_ops import inverse_sigmoid
 from ..utils.misc import NestedTensor
 from .deformable_transformer import DeformableTransformer
 from .heads import MLP, prediction_dict
-from .query_patches import PatchQueries, QueryPatchOptions
+from .passes import BackboneFeatures, Decoded, DetectorPass, ExtraQueries
 from .ssl_pass import SelfSupervisedMixin
 
 PRIOR_PROBABILITY = 0.01  # initial sigmoid score of every class, so the focal loss starts stable
@@ -51,9 +51,10 @@ class DeformableDETR(SelfSupervisedMixin, nn.Module):
     """Detects objects from ``num_feature_levels`` feature levels with ``num_queries`` queries.
 
     With ``ssl_head`` (a pretext task), the encoder tokens of the highest-resolution level
-    (stride 8) also feed the task; with ``query_patches``, the decoder also learns to find
-    random crops (UP-DETR, which the official code has for DETR only: here the patch features
-    join the queries' positional half, from which the reference points are predicted).
+    (stride 8) also feed the task; a pre-training method (``ssl_method``, see
+    :mod:`detr_ssl.methods`) drives the whole detector through ``run``. Extra queries (UP-DETR's
+    patches, which the official code has for DETR only) join the queries' positional half, from
+    which the reference points are predicted.
     """
 
     uses_sigmoid_classes = True
@@ -61,7 +62,7 @@ class DeformableDETR(SelfSupervisedMixin, nn.Module):
     def __init__(self, backbone: nn.Module, transformer: DeformableTransformer, num_classes: int, num_queries: int,
                  num_feature_levels: int, aux_loss: bool = True, with_box_refine: bool = False,
                  two_stage: bool = False, ssl_head: nn.Module | None = None, ssl_mode: str = "multitask",
-                 query_patches: QueryPatchOptions | None = None, ssl_backbone_grad: bool = True):
+                 ssl_backbone_grad: bool = True):
         super().__init__()
         if two_stage and not with_box_refine:
             raise ValueError("two-stage Deformable DETR needs box refinement (--with_box_refine), as the official one")
@@ -98,12 +99,12 @@ class DeformableDETR(SelfSupervisedMixin, nn.Module):
         self.level_strides = level_strides(backbone.strides, num_feature_levels)
         self.backbone = backbone
         self._init_ssl(ssl_head, ssl_mode, ssl_backbone_grad)
-        self._init_query_patches(query_patches, backbone.num_channels[-1], hidden_dim)
 
-    def multiscale_features(self, samples: NestedTensor,
-                            backbone_grad: bool = True) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Projected features, padding masks and positions of every level, extra levels included."""
-        features, positions = self.backbone(samples, grad=backbone_grad)
+    def multiscale_features(self, samples: NestedTensor, features: BackboneFeatures | None = None
+                            ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Projected features, padding masks and positions of every level, extra levels included,
+        from the backbone's ``features`` of ``samples`` (computed here when not given)."""
+        features, positions = features or self.backbone(samples)
         srcs = [projection(feature.tensors) for projection, feature in zip(self.input_proj, features)]
         masks = [feature.mask for feature in features]
         positions = list(positions)
@@ -116,43 +117,46 @@ class DeformableDETR(SelfSupervisedMixin, nn.Module):
             positions.append(self.backbone[1](NestedTensor(src, mask)).to(src.dtype))
         return srcs, masks, positions
 
-    def encode(self, samples: NestedTensor, backbone_grad: bool = True) -> tuple[Tensor, dict]:
-        """Backbone + encoder: (B, S, C) memory over all levels and its flat layout (shapes, masks...)."""
-        return self.transformer.encode(*self.multiscale_features(samples, backbone_grad))
+    def layer_class_heads(self, num_layers: int) -> list[nn.Module]:
+        """The classifier of each decoder layer."""
+        return list(self.class_embed)[:num_layers]
 
-    def run(self, samples: NestedTensor, decode: bool = True, patch_queries: PatchQueries | None = None,
-            backbone_grad: bool = True) -> tuple[dict, list[tuple[Tensor, Tensor]]]:
-        """Encode, and decode if asked: the official output dict (empty without decoding; with
-        ``patch_queries`` also ``patch_outputs``) and each level's encoder tokens and positions
-        (level embedding included) as (B, h, w, C) maps, finest first. ``backbone_grad=False`` runs the
-        backbone without gradients."""
-        memory, flat = self.encode(samples, backbone_grad)
+    def run(self, samples: NestedTensor, decode: bool = True, extra: ExtraQueries | None = None,
+            backbone_grad: bool = True, features: BackboneFeatures | None = None) -> DetectorPass:
+        """Backbone (or the given ``features``), encoder, and the decoder if asked: the object queries
+        with ``decode``, the ``extra`` queries if given. Levels come finest first, positions with
+        the level embedding. ``backbone_grad=False`` runs the backbone without gradients."""
+        features = features or self.backbone(samples, grad=backbone_grad)
+        memory, flat = self.transformer.encode(*self.multiscale_features(samples, features))
         levels = []
         for (height, width), start in zip(flat["spatial_shapes"].tolist(), flat["level_start_index"].tolist()):
             tokens = slice(start, start + height * width)
             levels.append((memory[:, tokens].unflatten(1, (height, width)),
                            flat["pos"][:, tokens].unflatten(1, (height, width))))
-        outputs = self.predict(memory, flat) if decode else {}
-        if patch_queries is not None:
-            outputs["patch_outputs"] = self.predict_patches(memory, flat, patch_queries)
-        return outputs, levels
+        outputs, decoded, extra_decoded = {}, None, None
+        if decode:
+            query_embed = None if self.two_stage else self.query_embed.weight
+            decoded, proposals = self.decode(memory, flat, query_embed, None, None, self.class_embed)
+            outputs = prediction_dict(decoded.logits, decoded.boxes, self.aux_loss)
+            if self.two_stage:
+                outputs["enc_outputs"] = proposals
+        if extra is not None:
+            query_embed = None if self.two_stage else self.query_embed.weight[extra.order]
+            extra_decoded = self.decode(memory, flat, query_embed, extra.offset, extra.self_attn_mask,
+                                        extra.class_heads)[0]
+        return DetectorPass(outputs, levels, decoded, extra_decoded, features)
 
-    def predict(self, memory: Tensor, flat: dict) -> dict:
-        """Decode the queries and apply the per-layer heads: the official output dict."""
-        decoded = self.transformer.decode(memory, flat, None if self.two_stage else self.query_embed.weight)
-        logits, boxes = self.layer_predictions(decoded, self.class_embed)
-        out = prediction_dict(logits, boxes, self.aux_loss)
+    def decode(self, memory: Tensor, flat: dict, query_embed: Tensor | None, query_pos_offset: Tensor | None,
+               self_attn_mask: Tensor | None, class_heads: list[nn.Module]) -> tuple[Decoded, dict | None]:
+        """Decode the queries and apply the per-layer heads; for two-stage also the encoder's proposals
+        in the official ``enc_outputs`` layout."""
+        decoded = self.transformer.decode(memory, flat, query_embed, query_pos_offset=query_pos_offset,
+                                          self_attn_mask=self_attn_mask)
+        logits, boxes = self.layer_predictions(decoded, class_heads)
+        proposals = None
         if self.two_stage:
-            out["enc_outputs"] = {"pred_logits": decoded["enc_class"], "pred_boxes": decoded["enc_coord_unact"].sigmoid()}
-        return out
-
-    def predict_patches(self, memory: Tensor, flat: dict, patch_queries: PatchQueries) -> dict:
-        """Decode the query patches (object queries plus patch features, groups masked): UP-DETR outputs."""
-        query_embed = None if self.two_stage else self.query_embed.weight[patch_queries.order]
-        decoded = self.transformer.decode(memory, flat, query_embed, query_pos_offset=patch_queries.queries,
-                                          self_attn_mask=self.patch_attn_mask)
-        logits, boxes = self.layer_predictions(decoded, self.patch_class_heads(len(decoded["hs"])))
-        return self.patch_outputs(logits, boxes, decoded["hs"], patch_queries)
+            proposals = {"pred_logits": decoded["enc_class"], "pred_boxes": decoded["enc_coord_unact"].sigmoid()}
+        return Decoded(logits, boxes, decoded["hs"]), proposals
 
     def layer_predictions(self, decoded: dict, class_heads: list[nn.Module]) -> tuple[Tensor, Tensor]:
         """(L, B, Q, classes) logits and (L, B, Q, 4) boxes of every decoder layer."""

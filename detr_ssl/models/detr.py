@@ -1,12 +1,13 @@
 """DETR: a CNN backbone, a transformer and set-prediction heads (Carion et al., 2020)."""
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+
 from torch import Tensor, nn
 
 from ..utils.misc import NestedTensor
 from .heads import MLP, prediction_dict
-from .query_patches import PatchQueries, QueryPatchOptions
+from .passes import BackboneFeatures, Decoded, DetectorPass, ExtraQueries
 from .ssl_pass import SelfSupervisedMixin
 from .transformer import Transformer
 
@@ -14,15 +15,16 @@ from .transformer import Transformer
 class DETR(SelfSupervisedMixin, nn.Module):
     """Detects objects from the last backbone stage with ``num_queries`` object queries.
 
-    With ``ssl_head`` (a pretext task), the encoder tokens (stride 32) also feed the task; with
-    ``query_patches``, the decoder also learns to find random crops (UP-DETR).
+    With ``ssl_head`` (a pretext task), the encoder tokens (stride 32) also feed the task; a
+    pre-training method (``ssl_method``, see :mod:`detr_ssl.methods`) drives the whole detector
+    through ``run``.
     """
 
     uses_sigmoid_classes = False
 
     def __init__(self, backbone: nn.Module, transformer: Transformer, num_classes: int, num_queries: int,
                  aux_loss: bool = False, ssl_head: nn.Module | None = None, ssl_mode: str = "multitask",
-                 query_patches: QueryPatchOptions | None = None, ssl_backbone_grad: bool = True):
+                 ssl_backbone_grad: bool = True):
         super().__init__()
         hidden_dim = transformer.d_model
         self.num_queries = num_queries
@@ -34,29 +36,33 @@ class DETR(SelfSupervisedMixin, nn.Module):
         self.backbone = backbone
         self.aux_loss = aux_loss
         self._init_ssl(ssl_head, ssl_mode, ssl_backbone_grad)
-        self._init_query_patches(query_patches, backbone.num_channels[-1], hidden_dim)
 
-    def encode(self, samples: NestedTensor, backbone_grad: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-        """Backbone + encoder: (B, HW, C) memory with its (B, H, W) padding mask and (B, C, H, W) positions."""
-        features, pos = self.backbone(samples, grad=backbone_grad)
-        src, mask = features[-1].decompose()
-        return self.transformer.encode(self.input_proj(src), mask, pos[-1]), mask, pos[-1]
+    def layer_class_heads(self, num_layers: int) -> list[nn.Module]:
+        """The classifier of each decoder layer (one, shared)."""
+        return [self.class_embed] * num_layers
 
-    def run(self, samples: NestedTensor, decode: bool = True, patch_queries: PatchQueries | None = None,
-            backbone_grad: bool = True) -> tuple[dict, list[tuple[Tensor, Tensor]]]:
-        """Encode, and decode if asked: the official output dict (empty without decoding; with
-        ``patch_queries`` also ``patch_outputs``) and the encoder tokens and positions as
-        (B, h, w, C) maps (one level). ``backbone_grad=False`` runs the backbone without
-        gradients."""
-        memory, mask, pos = self.encode(samples, backbone_grad)
-        outputs = {}
+    def run(self, samples: NestedTensor, decode: bool = True, extra: ExtraQueries | None = None,
+            backbone_grad: bool = True, features: BackboneFeatures | None = None) -> DetectorPass:
+        """Backbone (or the given ``features``), encoder, and the decoder if asked: the object queries
+        with ``decode``, the ``extra`` queries if given. ``backbone_grad=False`` runs the backbone
+        without gradients."""
+        features = features or self.backbone(samples, grad=backbone_grad)
+        src, mask = features[0][-1].decompose()
+        pos = features[1][-1]
+        memory = self.transformer.encode(self.input_proj(src), mask, pos)
+        outputs, decoded, extra_decoded = {}, None, None
         if decode:
-            hs = self.transformer.decode(memory, mask, pos, self.query_embed.weight)
-            outputs = prediction_dict(self.class_embed(hs), self.bbox_embed(hs).sigmoid(), self.aux_loss)
-        if patch_queries is not None:
-            query_pos = self.query_embed.weight[patch_queries.order] + patch_queries.queries
-            hs = self.transformer.decode(memory, mask, pos, query_pos, self_attn_mask=self.patch_attn_mask)
-            logits = torch.stack([head(layer) for head, layer in zip(self.patch_class_heads(len(hs)), hs)])
-            outputs["patch_outputs"] = self.patch_outputs(logits, self.bbox_embed(hs).sigmoid(), hs, patch_queries)
+            decoded = self.decode(memory, mask, pos, self.query_embed.weight, None, self.class_embed)
+            outputs = prediction_dict(decoded.logits, decoded.boxes, self.aux_loss)
+        if extra is not None:
+            extra_decoded = self.decode(memory, mask, pos, self.query_embed.weight[extra.order] + extra.offset,
+                                        extra.self_attn_mask, extra.classify)
         height, width = mask.shape[-2:]
-        return outputs, [(memory.unflatten(1, (height, width)), pos.permute(0, 2, 3, 1))]
+        levels = [(memory.unflatten(1, (height, width)), pos.permute(0, 2, 3, 1))]
+        return DetectorPass(outputs, levels, decoded, extra_decoded, features)
+
+    def decode(self, memory: Tensor, mask: Tensor, pos: Tensor, query_pos: Tensor, self_attn_mask: Tensor | None,
+               classify: Callable[[Tensor], Tensor]) -> Decoded:
+        """The decoder on ``query_pos``; ``classify`` and the box head on its (L, B, Q, C) states."""
+        hs = self.transformer.decode(memory, mask, pos, query_pos, self_attn_mask=self_attn_mask)
+        return Decoded(classify(hs), self.bbox_embed(hs).sigmoid(), hs)

@@ -2,16 +2,17 @@
 
 With a pretext task, the model corrupts its own input (``task.corrupt``), encodes it, and lets
 the task's head predict from the encoder tokens of the SSL level, returning ``ssl_outputs``
-next to the detection outputs (multi-task) or alone (pre-training). The criterion turns them
-into ``loss_ssl``, so the engine trains every task the same way.
+next to the detection outputs (multi-task) or alone (pre-training). A whole-detector method
+runs the clean pass its own way. The criterion turns the outputs into losses, so the engine
+trains every task and method the same way.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils.misc import NestedTensor, as_nested_tensor
-from .query_patches import QueryPatchMixin
 
 SIZE_DIVISIBILITY = 32  # the deepest backbone stride: padding to it makes every level's token grid exact
 
@@ -26,18 +27,19 @@ def pad_to_multiple(samples: NestedTensor, multiple: int) -> NestedTensor:
                         F.pad(samples.mask, (0, pad_w, 0, pad_h), value=True))
 
 
-class SelfSupervisedMixin(QueryPatchMixin):
-    """``forward`` for detectors that implement ``run(samples, decode, patch_queries) -> (outputs,
-    levels)``, where ``levels`` lists the (B, h, w, C) encoder tokens and position embeddings of
-    each level, the first being the one whose stride is the pretext task's patch size (the
-    others feed ``--ssl_levels``).
+class SelfSupervisedMixin:
+    """``forward`` for detectors that implement ``run(samples, decode, extra, backbone_grad, features)
+    -> DetectorPass`` (:mod:`detr_ssl.models.passes`), whose ``levels`` list the (B, h, w, C)
+    encoder tokens and position embeddings of each level, the first being the one whose stride is
+    the pretext task's patch size (the others feed ``--ssl_levels``).
 
-    ``ssl_head`` (the pretext task, or None), ``ssl_mode`` ('pretrain' or 'multitask'),
-    ``ssl_backbone_grad`` and the UP-DETR ``query_patches`` (see :class:`QueryPatchMixin`) are
-    set by the model's constructor. The clean pass decodes the object queries (not in
-    pre-training) and the query patches; a task that corrupts its input gets a second,
-    encoder-only pass, whose backbone runs without gradients when the pretext loss must not
-    train it (``ssl_backbone_grad=False``). In evaluation a multi-task model only detects.
+    ``ssl_head`` (the encoder pretext task, or None), ``ssl_mode`` ('pretrain' or 'multitask'),
+    ``ssl_backbone_grad`` and ``ssl_method`` (a whole-detector pre-training method from
+    :mod:`detr_ssl.methods`, which attaches itself, or None) are set at construction. The clean
+    pass is the method's (it decides what the decoder does) or, without one, plain detection
+    (not in pre-training); a task that corrupts its input gets a second, encoder-only pass,
+    whose backbone runs without gradients when the pretext loss must not train it
+    (``ssl_backbone_grad=False``). In evaluation a multi-task model only detects.
 
     The second pass is not batched with the clean one: on a CPU one call on the doubled batch
     made the DETR step 3-5 % faster but the Deformable DETR step 10-23 % slower (its large
@@ -48,6 +50,7 @@ class SelfSupervisedMixin(QueryPatchMixin):
     ssl_head: nn.Module | None
     ssl_mode: str
     ssl_backbone_grad: bool
+    ssl_method = None  # set by DetectorMethod.attach
 
     def _init_ssl(self, ssl_head: nn.Module | None, ssl_mode: str, ssl_backbone_grad: bool) -> None:
         """Set the pretext-task attributes (the detector's constructor calls this)."""
@@ -62,24 +65,28 @@ class SelfSupervisedMixin(QueryPatchMixin):
 
     def forward(self, samples: NestedTensor | list[Tensor]) -> dict:
         """``samples``: a NestedTensor or a list of CHW images; returns the official output dict
-        (plus ``ssl_outputs`` with a pretext task and ``patch_outputs`` with query patches; only
+        (plus ``ssl_outputs`` with a pretext task and the method's outputs with a method; only
         those in pre-training)."""
         samples = as_nested_tensor(samples)
-        task, pretrain = self.ssl_head, self.ssl_mode == "pretrain"
-        if (task is None and self.query_patches is None) or not (pretrain or self.training):
-            return self.run(samples, decode=True)[0]
+        task, method, pretrain = self.ssl_head, self.ssl_method, self.ssl_mode == "pretrain"
+        if (task is None and method is None) or not (pretrain or self.training):
+            return self.run(samples).outputs
         if task is not None:
             samples = pad_to_multiple(samples, self.ssl_size_divisibility())
             corrupted, targets = task.corrupt(samples.tensors, ~samples.mask)
-        outputs, levels = {}, None
-        if self.query_patches is not None or not pretrain:
-            patch_queries = None if self.query_patches is None else self.make_patch_queries(samples)
-            outputs, levels = self.run(samples, decode=not pretrain, patch_queries=patch_queries)
+        clean = None
+        if method is not None:
+            clean = method.forward(self, samples, detect=not pretrain)
+        elif not pretrain:
+            clean = self.run(samples)
+        outputs = {} if clean is None else clean.outputs
         if task is None:
             return outputs
-        if levels is None or task.corrupts_input:
+        if clean is None or task.corrupts_input:
             levels = self.run(NestedTensor(corrupted, samples.mask), decode=False,
-                              backbone_grad=self.ssl_backbone_grad)[1]
+                              backbone_grad=self.ssl_backbone_grad).levels
+        else:
+            levels = clean.levels
         outputs["ssl_outputs"] = {
             "prediction": task.predict(*levels[0], targets),
             "targets": targets,
@@ -97,3 +104,22 @@ class SelfSupervisedMixin(QueryPatchMixin):
         if self.ssl_head.level_heads is None:
             return SIZE_DIVISIBILITY
         return max(SIZE_DIVISIBILITY, *self.ssl_head.level_heads.strides)
+
+    @torch.no_grad()
+    def pictures(self, outputs: dict, targets: list[dict]) -> list[tuple[str, Tensor, int]]:
+        """TensorBoard pictures of the pretext outputs (and the batch's ``targets``, which a method may
+        draw): ``(tag, (N, 3, H, W) images in [0, 1], rows)``."""
+        pictures = []
+        if "ssl_outputs" in outputs:
+            ssl = outputs["ssl_outputs"]
+            grid = self.ssl_head.visualize(ssl["images"], ssl["corrupted"], ssl["prediction"], ssl["targets"],
+                                           ssl["valid"])
+            pictures.append((f"ssl/{self.ssl_head.name}", grid, 4))
+        if self.ssl_method is not None:
+            pictures.extend(self.ssl_method.pictures(outputs, targets))
+        return pictures
+
+    def after_optimizer_step(self) -> None:
+        """Called by the engine after every optimizer step (a method's momentum copy follows it)."""
+        if self.ssl_method is not None:
+            self.ssl_method.after_optimizer_step(self)

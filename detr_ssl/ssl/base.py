@@ -84,9 +84,13 @@ class PretextTask(nn.Module, abc.ABC):
     def loss(self, prediction: Tensor, targets: SSLTargets) -> dict[str, Tensor]:
         """``{"loss_ssl": scalar}``: the prediction scored against the targets where ``loss_mask`` is set."""
 
-    def outputs_loss(self, ssl_outputs: dict) -> dict[str, Tensor]:
-        """The loss of the model's ``ssl_outputs``: the task's own, averaged with the other
-        levels' pixel losses under ``--ssl_levels`` (see :mod:`detr_ssl.ssl.levels`)."""
+    def outputs_loss(self, outputs: dict, targets: list[dict] | None = None) -> dict[str, Tensor]:
+        """The loss of the model's ``ssl_outputs`` (none when the outputs have none, e.g. in
+        evaluation): the task's own, averaged with the other levels' pixel losses under
+        ``--ssl_levels`` (see :mod:`detr_ssl.ssl.levels`). ``targets`` (detection) are not read."""
+        if "ssl_outputs" not in outputs:
+            return {}
+        ssl_outputs = outputs["ssl_outputs"]
         losses = self.loss(ssl_outputs["prediction"], ssl_outputs["targets"])
         level_predictions = ssl_outputs.get("level_predictions")
         if level_predictions:

@@ -6,6 +6,8 @@ Each one also derives from the built-in exception of its kind, so that ``except 
 """
 from __future__ import annotations
 
+from typing import NoReturn
+
 
 class UserError(Exception):
     """A mistake in the run's input (a flag, a file, the data) whose message says what to do."""
@@ -13,6 +15,11 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """Flags that cannot work together, found once the data or the device is known."""
+
+
+def config_error(message: str) -> NoReturn:
+    """Raise ``ConfigError(message)``: for checks that take an ``error`` callback (argparse's is ``parser.error``)."""
+    raise ConfigError(message)
 
 
 class DataError(UserError, ValueError):
