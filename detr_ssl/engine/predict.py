@@ -145,12 +145,26 @@ class SlidingWindowPredictor:
             return [Window(0, 0, width, height)]
         return sliding_windows(width, height, self.window, self.overlap)
 
-    def _prepare(self, crop: Image.Image) -> Tensor:
+    def prepare(self, crop: Image.Image) -> Tensor:
+        """A window (or a whole image) as the model takes it: resized and normalised as in evaluation."""
         empty = {"boxes": xyxy_boxes(torch.zeros(0, 4), crop.height, crop.width),
                  "labels": torch.zeros(0, dtype=torch.int64), "iscrowd": torch.zeros(0, dtype=torch.int64)}
         return self.transforms(crop, empty)[0]
 
     @torch.no_grad()
+    def detect(self, inputs: list[Tensor], sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Detections of prepared ``inputs`` (one batch) in pixels of their crops' (height, width)
+        ``sizes``: under ``score_threshold`` dropped (and counted), boxes clipped, on the CPU."""
+        batch = nested_tensor_from_tensor_list(inputs).to(self.device)
+        results = []
+        for found, size in zip(self.postprocess(self.model(batch), torch.tensor(sizes, device=self.device)), sizes):
+            keep = found["scores"] >= self.score_threshold
+            self.below_threshold += int((~keep).sum())
+            found = {key: value[keep].cpu() for key, value in found.items()}
+            found["boxes"] = clip_boxes_to_image(found["boxes"], size)
+            results.append(found)
+        return results
+
     def __call__(self, image: Image.Image) -> dict[str, Tensor]:
         """``boxes`` (XYXY pixels of ``image``), ``scores`` and ``labels``, best first, on the CPU."""
         image = image.convert("RGB")
@@ -158,12 +172,6 @@ class SlidingWindowPredictor:
         detections = []
         for start in range(0, len(windows), self.batch_size):
             chunk = windows[start:start + self.batch_size]
-            batch = nested_tensor_from_tensor_list([self._prepare(image.crop(w)) for w in chunk]).to(self.device)
-            sizes = torch.tensor([[w.y1 - w.y0, w.x1 - w.x0] for w in chunk], device=self.device)
-            for found, window in zip(self.postprocess(self.model(batch), sizes), chunk):
-                keep = found["scores"] >= self.score_threshold
-                self.below_threshold += int((~keep).sum())
-                found = {key: value[keep].cpu() for key, value in found.items()}
-                found["boxes"] = clip_boxes_to_image(found["boxes"], (window.y1 - window.y0, window.x1 - window.x0))
-                detections.append(found)
+            detections.extend(self.detect([self.prepare(image.crop(w)) for w in chunk],
+                                          [(w.y1 - w.y0, w.x1 - w.x0) for w in chunk]))
         return merge_window_detections(detections, windows, image.width, image.height, self.nms_iou)
