@@ -17,12 +17,13 @@ from typing import Any, NoReturn
 import yaml
 
 from .methods import METHODS, add_method_arguments
+from .models.vit import VIT_ARCHITECTURE_FLAGS, VIT_BACKBONES, add_backbone_arguments
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 MODELS = ("detr", "deformable_detr")
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", *VIT_BACKBONES)
 DATASETS = ("coco", "isaid", "folder")
 SSL_TASKS = ("none", "reconstruction", "mim_continuous", "mim_discrete", "jigsaw_continuous", "jigsaw_discrete")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -35,6 +36,7 @@ ARCHITECTURE_FLAGS = (
     "dim_feedforward", "hidden_dim", "nheads", "num_queries", "pre_norm", "aux_loss", "num_classes",
     "num_feature_levels", "enc_n_points", "dec_n_points", "with_box_refine", "two_stage", "ssl_task", "ssl_mode",
     "ssl_levels", "ssl_method", *(flag for method in METHODS.values() for flag in method.architecture_flags),
+    *VIT_ARCHITECTURE_FLAGS,
     "min_size", "max_size",
 )
 
@@ -146,9 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("model")
     add = g.add_argument
-    add("--backbone", type=str, default="resnet50", choices=BACKBONES, help="torchvision ResNet")
+    add("--backbone", type=str, default="resnet50", choices=BACKBONES,
+        help="torchvision ResNet, or timm ViT with ViTDet's windowed attention and simple feature pyramid (needs timm)")
     add("--backbone_weights", type=str, default="imagenet", metavar="{imagenet,none,PATH}",
-        help="'imagenet' (torchvision download, cached), 'none' (random init) or a local .pth state dict")
+        help="'imagenet' (torchvision download, cached; ResNets only), 'none' (random init) or a local .pth state dict "
+             "(for a ViT: an MAE checkpoint mae_pretrain_vit_*.pth or a timm state dict)")
     add("--backbone_norm", type=str, default="frozen", choices=("frozen", "batch"),
         help="'frozen': FrozenBatchNorm2d (official; for pretrained weights); 'batch': trainable BatchNorm, and every backbone layer trains (training from scratch)")
     add("--dilation", action="store_true", help="replace the stride of the last ResNet stage by dilation (DC5)")
@@ -230,6 +234,29 @@ def build_parser() -> argparse.ArgumentParser:
     add("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
     add("--epochs", type=int, default=None, help="training epochs")
     add("--lr_drop", type=int, default=None, help="multiply the learning rates by 0.1 after this many epochs")
+    add("--lr_scheduler", type=str, default="step", choices=("step", "cosine"),
+        help="step: x0.1 every --lr_drop epochs (official; stepped per epoch, or per optimizer step with warmup); "
+             "cosine: decay every optimizer step from each group's lr to --min_lr (scaled alike) at the end of the run")
+    add("--min_lr", type=float, default=0.0, help="the --lr group's learning rate at the end of --lr_scheduler cosine")
+    add("--warmup_epochs", type=float, default=0.0, metavar="E",
+        help="linear warmup of every learning rate over the first E epochs (fractions allowed), per optimizer step")
+    add("--warmup_iters", type=int, default=0, metavar="N",
+        help="linear warmup over the first N optimizer steps instead of --warmup_epochs")
+    add("--warmup_factor", type=float, default=0.0, metavar="F",
+        help="the learning rates of the first warmup step, as a fraction of their values (0: from 0, as MAE)")
+    add("--layer_decay", type=float, default=1.0, metavar="D",
+        help="layer-wise lr decay: backbone layer i of depth trains at --lr_backbone x D^(depth - i); ViT: patch and "
+             "position embeddings 0, block N N+1 (0.7 for ViT-B as ViTDet); ResNet: stem 0, layer1-layer4 1-4; "
+             "1: off (official)")
+    add("--no_decay_norm_bias", action="store_true",
+        help="no weight decay on norms, biases, position tables (pos_embed, rel_pos) and query / level embeddings "
+             "(ViTDet); off: --weight_decay on every parameter (official)")
+    add("--model_ema", action="store_true",
+        help="keep an exponential moving average of the weights (buffers included), updated after every optimizer "
+             "step, evaluated next to the model (val_ema_* in log.jsonl) and saved as 'model_ema' in checkpoints")
+    add("--model_ema_decay", type=float, default=0.9998, help="EMA decay per optimizer step of --model_ema")
+    add("--eval_ema", action="store_true",
+        help="with --eval --resume CKPT: evaluate the checkpoint's EMA weights (of a --model_ema run), not its model")
     add("--amp", action="store_true", help="mixed precision: autocast the model (the losses stay float32)")
     add("--amp_dtype", type=str, default="auto", choices=("auto", "bfloat16", "float16"),
         help="autocast dtype under --amp; auto: bfloat16 on GPUs that support it (else float16, with loss scaling) "
@@ -264,6 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_size", type=int, default=1333, help="cap on the longer image side")
     add("--augment", action=bool_flag, default=True, help="official DETR training augmentation (flip, multi-scale resize, random crop)")
     add("--filter_empty", action="store_true", help="drop training images without annotations (kept by default: they teach 'no object')")
+    add("--train_fraction", type=float, default=1.0, metavar="F",
+        help="train on round(F x N) (at least 1) of the N labelled training images: the first ids of a permutation of "
+             "the sorted ids drawn with --fraction_seed (numpy PCG64), so smaller fractions nest in larger ones; the "
+             "ids go to OUTPUT_DIR/train_subset.json; evaluation uses the whole --val_split")
+    add("--fraction_seed", type=int, default=0, metavar="S",
+        help="seed of the --train_fraction / --shots choice (the same S: the same images on any machine and process "
+             "count); a study's folds are S = 0, 1, ...")
+    add("--shots", type=int, default=None, metavar="K",
+        help="few-shot training set (after TFA): categories in id order each shuffle their images with --fraction_seed "
+             "and take them until K chosen images hold the category (images chosen for earlier ones count; one with "
+             "fewer gets all); chosen images keep every annotation, so a category can appear in more than K")
     add("--max_dets", type=int, default=100, help="detections kept per image and COCOeval's largest maxDets")
     add("--area_ranges", type=str, default=COCO_AREA_RANGES, metavar="LABEL=MIN:MAX,...",
         help="object-size ranges of the AP/AR rows, as box areas in square pixels ('inf' allowed); labels small, "
@@ -280,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
              "log them); quick: image headers and sizes, boxes, category ids, missing files (well under 1 s per "
              "1,000 images); full: also decode every image, to find truncated files; none: no check")
     add_method_arguments(parser)
+    add_backbone_arguments(parser)
     return parser
 
 
@@ -429,6 +468,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     if args.dataset_file == "folder" and args.ssl_mode != "pretrain":
         parser.error("--dataset_file folder holds unlabelled images: use it with --ssl_mode pretrain and an "
                      "--ssl_task and/or --ssl_method")
+    _validate_label_budget(parser, args)
+    _validate_recipe(parser, args)
     if args.dec_layers < 1:
         parser.error(f"--dec_layers must be >= 1, got {args.dec_layers}")
     for name in ("limit_train_batches", "limit_val_batches", "num_classes"):
@@ -451,6 +492,42 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error(f"--resume: checkpoint not found: {args.resume}")
     if args.data_path and args.coco_path and args.data_path != args.coco_path:
         parser.error(f"--data_path ({args.data_path}) and --coco_path ({args.coco_path}) disagree; give one")
+
+
+def _validate_recipe(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The lr schedule, layer decay and EMA flags: in range, and not contradicting each other."""
+    if args.warmup_epochs < 0 or args.warmup_iters < 0:
+        parser.error("--warmup_epochs and --warmup_iters must be >= 0")
+    if args.warmup_epochs > 0 and args.warmup_iters > 0:
+        parser.error(f"--warmup_epochs {args.warmup_epochs} and --warmup_iters {args.warmup_iters}: give one")
+    if not 0 <= args.warmup_factor <= 1:
+        parser.error(f"--warmup_factor must be in [0, 1], got {args.warmup_factor}")
+    if not 0 <= args.min_lr <= args.lr:
+        parser.error(f"--min_lr must be in [0, --lr {args.lr}], got {args.min_lr}")
+    if args.min_lr and args.lr_scheduler != "cosine":
+        parser.error(f"--min_lr {args.min_lr} is where --lr_scheduler cosine ends: add it (--lr_scheduler "
+                     f"{args.lr_scheduler} drops by 0.1 every --lr_drop epochs)")
+    if not 0 < args.layer_decay <= 1:
+        parser.error(f"--layer_decay must be in (0, 1] (1: off), got {args.layer_decay}")
+    if not 0 < args.model_ema_decay < 1:
+        parser.error(f"--model_ema_decay must be in (0, 1), got {args.model_ema_decay}")
+    if args.eval_ema and not (args.eval and args.resume):
+        parser.error("--eval_ema evaluates a checkpoint's EMA weights: use it with --eval --resume CKPT")
+
+
+def _validate_label_budget(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--train_fraction / --shots choose labelled training images: one of them, in range, not on a folder."""
+    if not 0 < args.train_fraction <= 1:
+        parser.error(f"--train_fraction must be in (0, 1], got {args.train_fraction}")
+    if args.shots is not None and args.shots < 1:
+        parser.error(f"--shots must be >= 1 when given, got {args.shots}")
+    if args.fraction_seed < 0:
+        parser.error(f"--fraction_seed must be >= 0, got {args.fraction_seed}")
+    if args.shots is not None and args.train_fraction < 1:
+        parser.error(f"--shots {args.shots} and --train_fraction {args.train_fraction}: give one label budget")
+    if (args.shots is not None or args.train_fraction < 1) and args.dataset_file == "folder":
+        parser.error("--train_fraction and --shots choose among labelled training images: --dataset_file folder has "
+                     "no labels (pre-training uses every image)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

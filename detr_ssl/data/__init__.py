@@ -13,6 +13,7 @@ from detr_ssl.data.coco import CocoDetection, split_paths
 from detr_ssl.data.folder import ImageFolder
 from detr_ssl.data.isaid import IsaidDetection
 from detr_ssl.data.proposals import Proposals, load_proposals
+from detr_ssl.data.subsets import apply_label_budget
 from detr_ssl.data.transforms import build_transforms, untransformed
 from detr_ssl.data.views import TwoViews, build_view_transforms, collate_views
 from detr_ssl.utils.errors import ConfigError
@@ -30,17 +31,21 @@ DETECTION_DATASETS: dict[str, type[CocoDetection]] = {"coco": CocoDetection, "is
 def build_dataset(image_set: str, args: argparse.Namespace, views: int = 1) -> Dataset:
     """The 'train' or 'val' dataset of ``args.data_path``; split names come from ``--train_split/--val_split``,
     and a pre-training run's ``--val_path`` replaces the 'val' one. ``--proposals`` gives a folder's
-    images pseudo-boxes (``--val_proposals`` those of ``--val_path``). ``views=2`` makes it a
-    ``TwoViews`` set, two augmented views of each image (batch it with ``collate_for(2)``)."""
+    images pseudo-boxes (``--val_proposals`` those of ``--val_path``). ``--train_fraction`` or ``--shots``
+    keep a seeded subset of the 'train' images (``detr_ssl.data.subsets``; 'val' stays whole). ``views=2``
+    makes it a ``TwoViews`` set, two augmented views of each image (batch it with ``collate_for(2)``)."""
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
     if views not in (1, 2):
         raise ValueError(f"views must be 1 or 2, got {views!r}")
     if args.data_path is None:
         raise ConfigError("no dataset given: pass --data_path ROOT (see data/README.md, section 'Data layouts')")
-    if views == 2:
-        return TwoViews(_dataset(image_set, args, untransformed), build_view_transforms(args.min_size, args.max_size))
-    return _dataset(image_set, args, build_transforms(image_set, args.min_size, args.max_size, args.augment))
+    transforms = untransformed if views == 2 else build_transforms(image_set, args.min_size, args.max_size,
+                                                                  args.augment)
+    dataset = _dataset(image_set, args, transforms)
+    if image_set == "train":  # chosen here, before any DistributedSampler splits it: the same on every process
+        dataset = apply_label_budget(dataset, args)
+    return TwoViews(dataset, build_view_transforms(args.min_size, args.max_size)) if views == 2 else dataset
 
 
 def _dataset(image_set: str, args: argparse.Namespace,

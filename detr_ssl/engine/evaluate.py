@@ -179,13 +179,15 @@ def evaluate(
     epoch: int,
     tb: TensorBoardLogger,
     logger: logging.Logger,
+    tag: str = "val",
 ) -> dict[str, Any]:
     """Validation losses and COCO box metrics; the same dict is returned on every process.
 
     Returns ``{'coco_eval_bbox': [stats], 'AP': ..., 'AP50': ..., ..., 'loss': ..., <loss keys>}``
     (12 stats with COCO's area ranges) and, on the main process, writes
     ``OUTPUT_DIR/results_{epoch:04d}.json``. Images that ``--skip_bad_samples`` skipped are
-    logged and left out of the metrics.
+    logged and left out of the metrics. ``tag`` names the curves in TensorBoard, the log and the
+    results file (``val_ema``, ``results_val_ema_{epoch:04d}.json``, for the ``--model_ema`` average).
     """
     # Checkpoints and namespaces made before --area_ranges existed evaluate with COCO's ranges.
     area_ranges = parse_area_ranges(getattr(args, "area_ranges", COCO_AREA_RANGES))
@@ -211,14 +213,15 @@ def evaluate(
     stats = None
     if is_main_process():
         if output_dir:
-            _write_results(Path(output_dir) / f"results_{epoch:04d}.json", detections)
+            name = f"results_{epoch:04d}.json" if tag == "val" else f"results_{tag}_{epoch:04d}.json"
+            _write_results(Path(output_dir) / name, detections)
         stats = coco_bbox_stats(coco_gt, detections, args.max_dets, logger, area_ranges,
                                 getattr(args, "coco_eval_backend", "pycocotools"))
     stats, per_class = all_gather_object(stats)[0]
     metrics = dict(zip(stat_names(args.max_dets, area_ranges), stats))
-    tb.scalars({name: metrics[name] for name in tensorboard_metrics(area_ranges)}, epoch, "val")
-    tb.scalars(meter.summary(), epoch, "val")
-    logger.info("epoch %d val: %s", epoch, meter.format())
+    tb.scalars({name: metrics[name] for name in tensorboard_metrics(area_ranges)}, epoch, tag)
+    tb.scalars(meter.summary(), epoch, tag)
+    logger.info("epoch %d %s: %s", epoch, tag, meter.format())
     return {"coco_eval_bbox": stats, **metrics, "per_class_AP": per_class, **meter.summary()}
 
 
@@ -232,6 +235,7 @@ def evaluate_pretext(
     epoch: int,
     tb: TensorBoardLogger,
     logger: logging.Logger,
+    tag: str = "val",
 ) -> dict[str, Any]:
     """The validation losses of a pre-training run (``--ssl_mode pretrain``): its pretext losses
     on held-out images, returned on every process.
@@ -239,7 +243,8 @@ def evaluate_pretext(
     The corruption (masks, permutations, crops) is drawn from a generator seeded by ``--seed``
     alone, outside the training random stream: every epoch sees the same corrupted images, so
     the losses compare across epochs, and training (and its exact resume) is left untouched.
-    TensorBoard gets the losses and the pretext task's pictures of the first validation batch.
+    TensorBoard gets the losses and the pretext task's pictures of the first validation batch
+    (under ``tag``, as :func:`evaluate`).
     """
     model.eval()
     criterion.eval()
@@ -256,8 +261,8 @@ def evaluate_pretext(
                 outputs = to_float32(model(samples))
             meter.update(logged_losses(criterion(outputs, targets), criterion.weight_dict))
             if index == 0 and tb.active:
-                log_pictures(model, outputs, targets, tb, epoch, prefix="val/")
+                log_pictures(model, outputs, targets, tb, epoch, prefix=f"{tag}/")
     summary = meter.summary()
-    tb.scalars(summary, epoch, "val")
-    logger.info("epoch %d val (pretext task on %d held-out batches): %s", epoch, num_batches, meter.format())
+    tb.scalars(summary, epoch, tag)
+    logger.info("epoch %d %s (pretext task on %d held-out batches): %s", epoch, tag, num_batches, meter.format())
     return summary

@@ -22,6 +22,7 @@ from ..config import ARCHITECTURE_FLAGS, resolve_method, save_config
 from ..data import build_dataset, category_names_of, collate_for, get_coco_api, is_unlabelled, num_classes_of
 from ..data.check import check_datasets
 from ..data.loader import build_loader, set_epoch
+from ..data.subsets import write_subset_file
 from ..models import COCO_NUM_CLASSES, build_model
 from ..methods import METHODS
 from ..ssl.schedule import schedule_value
@@ -33,7 +34,8 @@ from .checkpoint import (LATEST, build_checkpoint_state, load_checkpoint, load_f
 from .amp import build_grad_scaler, describe_precision, is_emulated_bfloat16
 from .evaluate import evaluate, evaluate_pretext
 from .faults import BadSteps, Interrupted, StopTraining, TooManyBadSteps, stop_on_signals
-from .optim import build_lr_scheduler, build_optimizer
+from .ema import ModelEma, ema_weights, resume_ema
+from .optim import build_lr_scheduler, build_optimizer, end_epoch, schedule_lr
 from .train import steps_per_epoch, train_one_epoch
 
 
@@ -69,7 +71,7 @@ class TrainingRun:
 
     ``model`` is what steps run (DistributedDataParallel-wrapped when distributed), ``module``
     the bare detector whose state is saved; ``categories`` (the annotations' names by id) go
-    into every checkpoint.
+    into every checkpoint, and so does ``ema`` (``--model_ema``) as ``model_ema``.
     """
 
     args: argparse.Namespace
@@ -84,9 +86,12 @@ class TrainingRun:
     tb: TensorBoardLogger
     logger: logging.Logger
     categories: dict[int, str] = field(default_factory=dict)
+    ema: ModelEma | None = None
 
     def checkpoint_state(self, epoch: int, **extra) -> dict:
         """The checkpoint after ``epoch`` (a collective call: every process runs it)."""
+        if self.ema is not None:
+            extra["model_ema"] = self.ema.state_dict()
         return build_checkpoint_state(self.module, self.optimizer, self.lr_scheduler, epoch, self.args,
                                       scaler=self.scaler.state_dict(), categories=self.categories, **extra)
 
@@ -120,6 +125,15 @@ def apply_ssl_schedules(model: torch.nn.Module, criterion: torch.nn.Module, args
         criterion.weight_dict["loss_ssl"] = schedule_value(args.ssl_loss_schedule, args.ssl_loss_coef, step,
                                                            total_steps)
         model.ssl_head.ratio = schedule_value(args.ssl_ratio_schedule, args.ssl_ratio, step, total_steps)
+
+
+def apply_schedules(training: TrainingRun, step: int, total_steps: int) -> None:
+    """Everything scheduled per optimizer step, before step ``step`` of ``total_steps``: the SSL
+    weights and ratio, and the learning rates of a per-step (cosine / warmup) schedule."""
+    apply_ssl_schedules(training.module, training.criterion, training.args, step, total_steps)
+    if training.ema is not None:  # the average evaluates its pretext task with the same ratio
+        apply_ssl_schedules(training.ema.module, training.criterion, training.args, step, total_steps)
+    schedule_lr(training.lr_scheduler, step, total_steps)
 
 
 def announce_ssl_schedules(model: torch.nn.Module, criterion: torch.nn.Module, args: argparse.Namespace, epoch: int,
@@ -240,6 +254,7 @@ def run(args: argparse.Namespace) -> dict:
     warn_about_ignored_settings(args, dataset_train, categories, checkpoint, logger)
     if output_dir and dist.is_main_process():
         save_config(args, output_dir / "config.yaml")
+        write_subset_file(dataset_train, output_dir)  # the --train_fraction / --shots images, if chosen
 
     model, criterion, postprocessors = build_model(args)
     if args.pretrain:
@@ -260,7 +275,8 @@ def run(args: argparse.Namespace) -> dict:
     start_batch = 0
     if checkpoint is not None:
         if args.eval:
-            load_for_evaluation(model_without_ddp, checkpoint, args.resume, logger,
+            evaluated = ema_weights(checkpoint, args.resume) if args.eval_ema else checkpoint
+            load_for_evaluation(model_without_ddp, evaluated, args.resume, logger,
                                 hint=". --eval needs the flags of the run that wrote it (e.g. --config OUTPUT_DIR/config.yaml)")
             args.start_epoch = checkpoint.get("epoch", args.start_epoch)  # results are labelled with its epoch
         else:
@@ -273,6 +289,9 @@ def run(args: argparse.Namespace) -> dict:
                 logger.info("epoch %d stopped after %d batches (%s): it continues from there", args.start_epoch,
                             start_batch, checkpoint["interrupted_at"]["reason"])
             logger.info("resumed from %s", args.resume)
+    ema = ModelEma(model_without_ddp, args.model_ema_decay) if args.model_ema and not args.eval else None
+    if ema is not None and checkpoint is not None:
+        resume_ema(ema, checkpoint, logger)
 
     loader_val = None if dataset_val is None else build_loader(dataset_val, args, train=False,
                                                                collate_fn=collate_for(views), rank=info.rank,
@@ -292,7 +311,7 @@ def run(args: argparse.Namespace) -> dict:
             logger.warning("evaluating on the training split '%s': the AP measures memorisation (an overfitting "
                            "check), not generalisation", args.train_split)
         training = TrainingRun(args, model, model_without_ddp, criterion, postprocessors, optimizer, lr_scheduler,
-                               scaler, output_dir, tb, logger, categories)
+                               scaler, output_dir, tb, logger, categories, ema)
         stats = train(training, loader_train, loader_val, validate, start_batch)
         report_outputs(output_dir, args.tensorboard, logger)
         return stats
@@ -315,7 +334,8 @@ def train(training: TrainingRun, loader_train, loader_val, validate: Callable[..
         logger.warning("start epoch %d >= --epochs %d: nothing to train", args.start_epoch, args.epochs)
     device = torch.device(args.device)
     bad_steps = BadSteps(args.max_bad_steps)
-    schedule = partial(apply_ssl_schedules, training.module, training.criterion, args)
+    schedule = partial(apply_schedules, training)
+    on_step = partial(training.ema.update, training.module) if training.ema is not None else None
     with stop_on_signals(logger) as stop:
         logger.info("training from epoch %d to %d on %d images", args.start_epoch, args.epochs - 1,
                     len(loader_train.dataset))
@@ -333,8 +353,8 @@ def train(training: TrainingRun, loader_train, loader_val, validate: Callable[..
                 announce_ssl_schedules(training.module, training.criterion, args, epoch, first_step, total_steps, logger)
                 train_stats = train_one_epoch(training.model, training.criterion, loader_train, training.optimizer,
                                               device, epoch, args, training.tb, logger, training.scaler, first_batch,
-                                              stop, bad_steps, schedule)
-                training.lr_scheduler.step()
+                                              stop, bad_steps, schedule, on_step)
+                end_epoch(training.lr_scheduler)
                 if output_dir:
                     state = training.checkpoint_state(epoch)  # collective
                     if dist.is_main_process():
@@ -343,6 +363,10 @@ def train(training: TrainingRun, loader_train, loader_val, validate: Callable[..
                                                         or epoch == args.epochs - 1)
                 if evaluated:
                     stats = validate(training.model, training.criterion, data_loader=loader_val, epoch=epoch)
+                    if training.ema is not None:  # the average next to the model: val_ema_* in log.jsonl
+                        ema_stats = validate(training.ema.module, training.criterion, data_loader=loader_val,
+                                             epoch=epoch, tag="val_ema")
+                        stats.update({f"ema_{key}": value for key, value in ema_stats.items()})
                 log_epoch(epoch, train_stats, stats if evaluated else {}, time.time() - started, output_dir, logger)
         except StopTraining as stopped:
             save_stopped_checkpoint(training, stopped)

@@ -155,6 +155,7 @@ def train_one_epoch(
     stop: StopRequest | None = None,
     bad_steps: BadSteps | None = None,
     schedule: Callable[[int, int], None] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Train for one epoch and return the epoch means of the losses (and the learning rate).
 
@@ -168,7 +169,8 @@ def train_one_epoch(
     ``stop`` raises ``Interrupted`` after the optimizer step in progress. Images that
     ``--skip_bad_samples`` replaced are logged once, at the end of the epoch. ``schedule(step,
     total_steps)`` sets the scheduled values (SSL weights, ratio) before each optimizer step's
-    window, counted over the whole run.
+    window, counted over the whole run (and the learning rates, with a per-step schedule);
+    ``on_step()`` runs after every optimizer step (the ``--model_ema`` update).
     """
     model.train()
     criterion.train()
@@ -190,6 +192,7 @@ def train_one_epoch(
         step = epoch * epoch_steps + index // args.accum_steps
         if schedule is not None and index % args.accum_steps == 0:
             schedule(step, args.epochs * epoch_steps)
+            lr = optimizer.param_groups[0]["lr"]
         samples, targets = to_device(samples, targets, device)
         skipped.extend(skipped_in(targets))
         window, steps_now = _accumulation_window(index, args.accum_steps, num_batches)
@@ -216,6 +219,8 @@ def train_one_epoch(
                 _skip_step(model, optimizer, buffers, bad_steps, epoch, index + 1, tb, step)
             else:
                 _optimizer_step(model, optimizer, args.clip_max_norm, scaler)
+                if on_step is not None:
+                    on_step()
                 bad_steps.in_a_row = 0
                 tb.scalars({**window_meter.summary(), **_schedule(lr, criterion)}, step, "train")
             window_meter, buffers, window_is_bad = MetricTracker(), None, False

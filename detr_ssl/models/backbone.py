@@ -190,7 +190,12 @@ class Joiner(nn.Sequential):
 
 
 def build_backbone(args, position_embedding: nn.Module, return_stages: tuple[str, ...] = ("layer4",)) -> Joiner:
-    """Build the ResNet named by ``--backbone`` with ``--backbone_weights``, ``--backbone_norm`` and ``--dilation``."""
+    """Build the ResNet named by ``--backbone`` with ``--backbone_weights``, ``--backbone_norm`` and ``--dilation``,
+    or a ViT with its simple feature pyramid (:mod:`.vit`; the pyramid levels stand for ``return_stages``)."""
+    from .vit import build_vit_backbone, is_vit  # vit imports this module's weight helpers
+
+    if is_vit(args.backbone):
+        return Joiner(build_vit_backbone(args, return_stages), position_embedding)
     resnet = build_resnet(args.backbone, args.backbone_weights, args.dilation, args.backbone_norm)
     backbone = Backbone(resnet, train_backbone=args.lr_backbone > 0, return_stages=return_stages,
                         dilation=args.dilation, train_stem=args.backbone_norm == "batch")
