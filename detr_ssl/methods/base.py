@@ -22,6 +22,7 @@ Detectors and engine call these and know no method by name; the registry is
 """
 from __future__ import annotations
 
+import abc
 import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
@@ -37,8 +38,9 @@ MatchedLoss = Callable[[dict, list[dict], list[tuple[Tensor, Tensor]], float], d
 Picture = tuple[str, Tensor, int]  # TensorBoard tag, (N, 3, H, W) images in [0, 1], rows of the grid
 
 
-class DetectorMethod:
-    """A whole-detector pre-training method; subclasses set the class attributes and override what they use."""
+class DetectorMethod(abc.ABC):
+    """A whole-detector pre-training method; subclasses set the class attributes, implement
+    ``forward`` and override the other hooks they use."""
 
     name: ClassVar[str]
     modes: ClassVar[tuple[str, ...]] = ("pretrain",)  # the --ssl_mode values it supports
@@ -76,11 +78,11 @@ class DetectorMethod:
         """Add the method's modules to ``detector`` and make it the detector's ``ssl_method``."""
         detector.ssl_method = self
 
+    @abc.abstractmethod
     def forward(self, detector: nn.Module, samples: NestedTensor, detect: bool) -> DetectorPass:
         """The training pass (and a pre-training run's validation pass): the detector's ``run``,
         with the method's outputs added to ``outputs``; ``detect`` (multi-task) also decodes the
         object queries for detection."""
-        raise NotImplementedError
 
     def after_optimizer_step(self, detector: nn.Module) -> None:
         """Called after every optimizer step."""
