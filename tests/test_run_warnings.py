@@ -35,6 +35,11 @@ def test_flags_without_effect_are_named(caplog, tmp_path):
     assert "--amp_dtype float16 has no effect without --amp" in text
 
 
+def test_vit_flags_on_a_resnet_are_named(caplog):
+    text = warnings_for(["--drop_path", "0.2", "--vit_rel_pos"], caplog)
+    assert "--drop_path, --vit_rel_pos apply to ViT backbones only: ignored with --backbone resnet50" in text
+
+
 def test_images_with_more_objects_than_queries_are_counted_once(caplog):
     dataset = build_dataset("train", parse_args(["--data_path", str(SAMPLE)]))
     counts = sorted(len(anns) for anns in dataset.coco.imgToAnns.values())

@@ -196,6 +196,11 @@ def warn_about_ignored_settings(args: argparse.Namespace, dataset_train, categor
         logger.warning("--tokenizer is read only by --ssl_task mim_discrete: ignored with --ssl_task %s", args.ssl_task)
     if args.amp_dtype != "auto" and not args.amp:
         logger.warning("--amp_dtype %s has no effect without --amp: the run is float32", args.amp_dtype)
+    vit_flags = [f"--{name}" for name in ("drop_path", "vit_rel_pos", "vit_pyramid", "vit_window_size")
+                 if name in getattr(args, "given", ())]
+    if vit_flags and not args.backbone.startswith("vit_"):
+        logger.warning("%s apply to ViT backbones only: ignored with --backbone %s", ", ".join(vit_flags),
+                       args.backbone)
     if dataset_train is not None and not is_unlabelled(dataset_train):
         counts = [len(anns) for anns in get_coco_api(dataset_train).imgToAnns.values()]
         crowded = [count for count in counts if count > args.num_queries]
