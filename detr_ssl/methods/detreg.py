@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert, roi_align
 
+from ..models.criterion import matched_query_index
 from ..models.heads import MLP
 from ..models.matcher import build_matcher
 from ..models.passes import DetectorPass
@@ -95,9 +96,7 @@ class DETReg(DetectorMethod):
         pooled backbone features; only the last layer has embeddings."""
         if "pred_embedding" not in outputs:
             return {}
-        queries = torch.cat([src for src, _ in indices])
-        images = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        predicted = outputs["pred_embedding"][images, queries]
+        predicted = outputs["pred_embedding"][matched_query_index(indices)]
         with torch.no_grad():
             target = box_features(outputs["detreg_inputs"]["features"], [t["boxes"][j] for t, (_, j) in zip(targets, indices)],
                                   [t["size"] for t in targets], self.stride)
