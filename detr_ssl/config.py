@@ -190,9 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretext task on the encoder tokens; each token owns the image patch under it. A whole-detector method "
              "name (see --ssl_method) is a shorthand for --ssl_method NAME without an encoder task")
     add("--ssl_method", type=str, default="none", choices=("none", *METHODS),
-        help="whole-detector pre-training method (decoder and heads too), alone or next to an --ssl_task: updetr "
-             "(random query patches), detreg (find --proposals pseudo-boxes, regress their features), box_contrast "
-             "(AlignDet/PreDet: contrast the pseudo-boxes' queries across two views); each with its flags below")
+        help="pre-training method, alone or next to an --ssl_task: updetr (whole detector: random query patches), "
+             "detreg (find --proposals pseudo-boxes, regress their features), box_contrast (AlignDet/PreDet: contrast "
+             "the pseudo-boxes' queries across two views); mae (the ViT backbone alone: masked autoencoding of "
+             "crops, alone); each with its flags below")
     add("--ssl_mode", type=str, default="multitask", choices=("pretrain", "multitask"),
         help="pretrain: SSL loss only (labelled or unlabelled images, no decoder); multitask: detection + weighted SSL loss")
     add("--ssl_ratio", type=float, default=0.5, help="fraction of each image's patches masked or permuted")
@@ -232,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch_size", type=int, default=2, help="images per process and step")
     add("--accum_steps", type=int, default=1, help="accumulate gradients over N batches before each optimizer step")
     add("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    add("--adam_betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("BETA1", "BETA2"),
+        help="AdamW's running-average coefficients (0.9 0.999: PyTorch's and the official DETR's; MAE: 0.9 0.95)")
     add("--epochs", type=int, default=None, help="training epochs")
     add("--lr_drop", type=int, default=None, help="multiply the learning rates by 0.1 after this many epochs")
     add("--lr_scheduler", type=str, default="step", choices=("step", "cosine"),
@@ -335,6 +338,11 @@ def _check_yaml_value(parser: argparse.ArgumentParser, action: argparse.Action, 
         return value
     if value is None:
         return None
+    if action.nargs is not None and action.nargs != "?":  # a list flag (e.g. --adam_betas 0.9 0.95)
+        count = action.nargs if isinstance(action.nargs, int) else None
+        if not isinstance(value, list) or (count is not None and len(value) != count):
+            fail(f"expected a list of {count or 'some'} values, got {value!r}")
+        return [_check_yaml_value(parser, _single(action), item, where) for item in value]
     expected = action.type or str
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -343,6 +351,11 @@ def _check_yaml_value(parser: argparse.ArgumentParser, action: argparse.Action, 
     if action.choices is not None and value not in action.choices:
         fail(f"{value!r} is not one of {', '.join(map(str, action.choices))}")
     return value
+
+
+def _single(action: argparse.Action) -> argparse.Action:
+    """A list flag's action for one of its items (the same type and choices)."""
+    return argparse.Action(action.option_strings, action.dest, type=action.type, choices=action.choices)
 
 
 def load_yaml_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
@@ -380,6 +393,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     for name in non_negative:
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not all(0 <= beta < 1 for beta in args.adam_betas):
+        parser.error(f"--adam_betas must each be in [0, 1), got {' '.join(map(str, args.adam_betas))}")
     if args.model == "deformable_detr":
         for name in ("num_feature_levels", "enc_n_points", "dec_n_points"):
             if getattr(args, name) < 1:

@@ -28,20 +28,24 @@ __all__ = ["base_dataset", "is_unlabelled", "build_dataset", "collate_fn", "coll
 DETECTION_DATASETS: dict[str, type[CocoDetection]] = {"coco": CocoDetection, "isaid": IsaidDetection}
 
 
-def build_dataset(image_set: str, args: argparse.Namespace, views: int = 1) -> Dataset:
+def build_dataset(image_set: str, args: argparse.Namespace, views: int = 1,
+                  transforms: Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]] | None = None) -> Dataset:
     """The 'train' or 'val' dataset of ``args.data_path``; split names come from ``--train_split/--val_split``,
     and a pre-training run's ``--val_path`` replaces the 'val' one. ``--proposals`` gives a folder's
     images pseudo-boxes (``--val_proposals`` those of ``--val_path``). ``--train_fraction`` or ``--shots``
     keep a seeded subset of the 'train' images (``detr_ssl.data.subsets``; 'val' stays whole). ``views=2``
-    makes it a ``TwoViews`` set, two augmented views of each image (batch it with ``collate_for(2)``)."""
+    makes it a ``TwoViews`` set, two augmented views of each image (batch it with ``collate_for(2)``).
+    ``transforms`` replaces the detection pipeline (a pre-training method's own, e.g. MAE's crops)."""
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
     if views not in (1, 2):
         raise ValueError(f"views must be 1 or 2, got {views!r}")
     if args.data_path is None:
         raise ConfigError("no dataset given: pass --data_path ROOT (see data/README.md, section 'Data layouts')")
-    transforms = untransformed if views == 2 else build_transforms(image_set, args.min_size, args.max_size,
-                                                                  args.augment)
+    if views == 2:
+        transforms = untransformed
+    elif transforms is None:
+        transforms = build_transforms(image_set, args.min_size, args.max_size, args.augment)
     dataset = _dataset(image_set, args, transforms)
     if image_set == "train":  # chosen here, before any DistributedSampler splits it: the same on every process
         dataset = apply_label_budget(dataset, args)

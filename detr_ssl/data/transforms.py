@@ -153,6 +153,26 @@ def build_transforms(image_set: str, min_size: int = 800, max_size: int = 1333, 
     return v2.Compose([v2.ToImage(), *geometry, *to_model_input()])
 
 
+CROP_SCALE = (0.2, 1.0)  # MAE's RandomResizedCrop: 20-100 % of the image's area
+CENTRE_CROP_RATIO = 224 / 256  # MAE's (and ImageNet's) evaluation: resize to 256, keep the central 224
+
+
+def build_crop_transforms(image_set: str, size: int) -> v2.Compose:
+    """MAE's pipeline of square ``size`` crops: 'train' a random resized crop (area 20-100 %,
+    bicubic) and flip, 'val' the central crop of the image resized to ``size`` / 0.875, so that
+    images of any size and shape batch without padding."""
+    if image_set not in ("train", "val"):
+        raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
+    bicubic = v2.InterpolationMode.BICUBIC
+    if image_set == "train":
+        geometry = [v2.RandomResizedCrop(size, scale=CROP_SCALE, interpolation=bicubic, antialias=True),
+                    v2.RandomHorizontalFlip(0.5)]
+    else:
+        geometry = [v2.Resize(round(size / CENTRE_CROP_RATIO), interpolation=bicubic, antialias=True),
+                    v2.CenterCrop(size)]
+    return v2.Compose([v2.ToImage(), *geometry, *to_model_input()])
+
+
 def xyxy_boxes(boxes: Tensor, height: int, width: int) -> tv_tensors.BoundingBoxes:
     """Absolute XYXY boxes on an image of the given size, as the transforms expect them."""
     return tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width))

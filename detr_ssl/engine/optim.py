@@ -104,7 +104,8 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.A
         for name, p in trainable:
             official[_official_group(name, args)].append(p)
         param_groups = [{"params": params, **({"lr": lrs[i]} if i else {})} for i, params in enumerate(official)]
-    return torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
+    betas = tuple(getattr(args, "adam_betas", (0.9, 0.999)))  # namespaces saved before the flag: AdamW's default
+    return torch.optim.AdamW(param_groups, lr=args.lr, betas=betas, weight_decay=args.weight_decay)
 
 
 def recipe_groups(trainable: list[tuple[str, nn.Parameter]], args: argparse.Namespace, lrs: list[float],

@@ -177,14 +177,23 @@ def adopt_checkpoint_architecture(args: argparse.Namespace, checkpoint: dict, lo
                 ", ".join(f"--{key} {value}" for key, value in adopted.items()))
 
 
-def build_validation_dataset(args: argparse.Namespace, views: int, logger: logging.Logger):
+def build_method_dataset(image_set: str, args: argparse.Namespace):
+    """The 'train' or 'val' dataset as the ``--ssl_method`` trains on it: in its number of views,
+    through its own transforms if it has them."""
+    method = METHODS.get(args.ssl_method)
+    if method is None:
+        return build_dataset(image_set, args)
+    return build_dataset(image_set, args, views=method.views, transforms=method.transforms(image_set, args))
+
+
+def build_validation_dataset(args: argparse.Namespace, logger: logging.Logger):
     """The images every evaluation runs on: the labelled ``--val_split`` for detection; for a
-    pre-training run ``--val_path``, else the ``--val_split`` of COCO-json data, else none; in
-    ``views`` views, as the method trains on them."""
+    pre-training run ``--val_path``, else the ``--val_split`` of COCO-json data, else none; as the
+    method trains on them."""
     if args.ssl_mode == "pretrain" and args.dataset_file == "folder" and not args.val_path:
         logger.info("pre-training without held-out images: no validation loss (pass --val_path DIR to get one)")
         return None
-    return build_dataset("val", args, views=views)
+    return build_method_dataset("val", args)
 
 
 def warn_about_ignored_settings(args: argparse.Namespace, dataset_train, categories: dict[int, str],
@@ -249,8 +258,8 @@ def run(args: argparse.Namespace) -> dict:
         adopt_checkpoint_architecture(args, checkpoint, logger)
     detects = args.ssl_mode != "pretrain"  # pre-training has no detection targets to evaluate
     views = METHODS[args.ssl_method].views if args.ssl_method != "none" else 1  # a method may want two views
-    dataset_val = build_validation_dataset(args, views, logger)
-    dataset_train = None if args.eval else build_dataset("train", args, views=views)
+    dataset_val = build_validation_dataset(args, logger)
+    dataset_train = None if args.eval else build_method_dataset("train", args)
     datasets = [d for d in (dataset_train, dataset_val) if d is not None]
     check_datasets(datasets, args.check_data, args.skip_bad_samples, logger)  # every rank its share; all stop alike
     resolve_num_classes(args, datasets, logger)

@@ -12,11 +12,12 @@ import argparse
 from .base import DetectorMethod
 from .box_contrast import BoxContrast
 from .detreg import DETReg
+from .mae import MAE
 from .updetr import QueryPatches
 
 __all__ = ["METHODS", "DetectorMethod", "add_method_arguments", "build_method", "method_of_state"]
 
-METHODS: dict[str, type[DetectorMethod]] = {method.name: method for method in (QueryPatches, DETReg, BoxContrast)}
+METHODS: dict[str, type[DetectorMethod]] = {method.name: method for method in (QueryPatches, DETReg, BoxContrast, MAE)}
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,8 +5,8 @@ A method is one class. It declares
 - its flags (``add_arguments``, ``validate``, ``configure``) and which of them shape the model
   (``architecture_flags``, which ``--eval --resume`` takes from a checkpoint);
 - what it needs from the data: ``views`` (2: two augmented views of each image, ordered [all
-  first views, all second views] in the batch) and ``needs_proposals`` (targets are the
-  ``--proposals`` pseudo-boxes);
+  first views, all second views] in the batch), ``needs_proposals`` (targets are the
+  ``--proposals`` pseudo-boxes) and ``transforms`` (its own pipeline, e.g. MAE's crops);
 - the modules it adds to a detector (``attach``; their state-dict prefixes in
   ``module_prefixes``, so that their names are the method's own, e.g. the official UP-DETR ones);
 - its training pass (``forward``, through the detector's ``run``: :mod:`detr_ssl.models.passes`);
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 Error = Callable[[str], NoReturn]
 MatchedLoss = Callable[[dict, list[dict], list[tuple[Tensor, Tensor]], float], dict[str, Tensor]]
 Picture = tuple[str, Tensor, int]  # TensorBoard tag, (N, 3, H, W) images in [0, 1], rows of the grid
+Transform = Callable[[Any, dict], tuple[Tensor, dict]]  # (PIL image, target) -> (model input, target)
 
 
 class DetectorMethod(abc.ABC):
@@ -67,6 +68,11 @@ class DetectorMethod(abc.ABC):
     @classmethod
     def configure(cls, args: argparse.Namespace, given: set[str]) -> None:
         """Fill in the method's defaults of other flags (``given``: flags the user set)."""
+
+    @classmethod
+    def transforms(cls, image_set: str, args: argparse.Namespace) -> Transform | None:
+        """The 'train' / 'val' pipeline the method trains on instead of detection's (None: detection's)."""
+        return None
 
     @classmethod
     def recognises(cls, state: dict[str, Tensor]) -> bool:

@@ -55,6 +55,7 @@ DEFAULT_DROP_PATH = 0.1  # 001's and ViTDet's choice for ViT-B
 # in an MAE / timm file but not used by the detector: MAE's decoder, the class token, the final
 # norm and classifier (ViTDet has no final norm: the pyramid's LayerNorms follow the last block)
 UNUSED_PREFIXES = ("decoder_", "mask_token", "cls_token", "norm.", "head.", "fc_norm.")
+VIT_KEY_PREFIX = "backbone.0.body.vit."  # the ViT's keys in a detector (and so in our checkpoints)
 
 
 def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
@@ -257,13 +258,24 @@ def fit_position_embedding(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
     return resized[:, prefix:]
 
 
+def _vit_tensors(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """A file's ViT tensors in timm's layout, and the keys of a detr_ssl checkpoint that are not the
+    ViT's (a checkpoint of ``--ssl_method mae`` or of a ViT detector holds its ViT under
+    ``backbone.0.body.vit.``; MAE and timm files are in timm's layout already)."""
+    if not any(key.startswith(VIT_KEY_PREFIX) for key in state):
+        return state, []
+    vit = {key[len(VIT_KEY_PREFIX):]: value for key, value in state.items() if key.startswith(VIT_KEY_PREFIX)}
+    return vit, [key for key in state if not key.startswith(VIT_KEY_PREFIX)]
+
+
 def load_vit_weights(vit: nn.Module, path: str, backbone: str) -> list[str]:
-    """Load an MAE checkpoint (``{'model': ...}`` in timm's layout) or a timm state dict into
-    ``vit`` strictly: every model tensor must be in the file with its shape (the position
-    embedding resized to fit), every file tensor in the model, except those the detector does not
-    use (MAE's decoder, class token, final norm, classifier), which are ignored and returned."""
-    state = _file_state_dict(path)
-    ignored = sorted(k for k in state if k.startswith(UNUSED_PREFIXES))
+    """Load an MAE checkpoint (``{'model': ...}`` in timm's layout), a timm state dict or a
+    detr_ssl checkpoint with a ViT (our MAE pre-training's output) into ``vit`` strictly: every
+    model tensor must be in the file with its shape (the position embedding resized to fit), every
+    file tensor in the model, except those the detector does not use (MAE's decoder, class token,
+    final norm, classifier; a checkpoint's other modules), which are ignored and returned."""
+    state, outside = _vit_tensors(_file_state_dict(path))
+    ignored = sorted([*outside, *(k for k in state if k.startswith(UNUSED_PREFIXES))])
     state = {k: v for k, v in state.items() if k not in ignored}
     own = vit.state_dict()
     if "pos_embed" in state and "pos_embed" in own:
