@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from detr_ssl.data.tiling import Window, merge_window_detections
-from detr_ssl.engine.predict import SlidingWindowPredictor, category_names, load_detector
+from detr_ssl.engine.predict import SlidingWindowPredictor, TorchDetect, category_names, load_detector
 from detr_ssl.utils.errors import DataError, MissingFileError
 from detr_ssl.utils.logging import LOGGER_NAME
 
@@ -101,8 +101,9 @@ class Detector:
         without, each image is run whole, at the checkpoint's ``--min_size``/``--max_size``."""
         single = not isinstance(images, (list, tuple))
         pictures = [to_pil(image) for image in ([images] if single else images)]
-        predictor = SlidingWindowPredictor(self.model, self.postprocess, self.args, window if tile else 0, overlap,
-                                           self.batch_size, score_threshold, nms_iou)
+        predictor = SlidingWindowPredictor(TorchDetect(self.model, self.postprocess), self.args.min_size,
+                                           self.args.max_size, window if tile else 0, overlap, self.batch_size,
+                                           score_threshold, nms_iou)
         found = [predictor(picture) for picture in pictures] if tile else self._whole(predictor, pictures)
         results = [self._named(detections) for detections in found]
         return results[0] if single else results

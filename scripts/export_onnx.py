@@ -17,16 +17,21 @@ dynamo-based exporter needs the extra package onnxscript, and the traced graph o
 is exact without it. Deformable attention is exported through its PyTorch back end (grid_sample),
 whatever --msda_backend the checkpoint was trained with: the compiled kernels are no ONNX ops.
 
---dynamic: dynamic image size for DETR only (its sine position encoding is computed from the mask
-in the graph); Deformable DETR's level shapes and start indices are Python integers when traced,
-so they are baked into the graph and its image size is fixed at --size (pad smaller images into
-it). Dynamic batch with --raw only: the post-processors return one dict per image, which traces
-into a split of exactly --batch images. So Deformable DETR with post-processing has no dynamic
-axis and refuses --dynamic. Without --dynamic every axis is fixed at --batch x --size.
+--dynamic makes the batch axis (0) of every input and output dynamic, for both models, raw or
+post-processed (the post-processors compute the batch at once, no per-image split), and for DETR
+also the image height and width (axes 2, 3 of ``images``, 1, 2 of ``mask``: its sine position
+encoding is computed from the mask in the graph). Deformable DETR's level shapes and start indices
+are Python integers when traced, so they are baked into the graph and its image size is always
+fixed at --size (pad smaller images into it). Without --dynamic every axis is fixed at --batch x --size.
+
+The graph carries what scripts/predict.py --onnx needs instead of the checkpoint, as the JSON
+metadata entry "detr_ssl" (``detr_ssl.engine.onnx_runtime.GraphInfo``): model, --min_size,
+--max_size, class count, queries, category names, raw or not, and the fixed batch and size (null
+where dynamic).
 
 The file is checked with onnx.checker and run with onnxruntime on the sample images of
-data/sample/val against PyTorch (with --dynamic also at batch 1 and, for DETR, at another image
-size, and with --raw at another batch size). The last stdout line is a JSON summary with the largest difference (scores, and boxes
+data/sample/val against PyTorch (with --dynamic also at another batch size and, for DETR, at
+another image size). The last stdout line is a JSON summary with the largest difference (scores, and boxes
 divided by the image sizes so that it does not grow with them; raw logits and boxes as they
 are); above --tolerance, or with any label differing, nothing is written and the exit code is 1.
 """
@@ -45,7 +50,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from detr_ssl.engine.predict import SlidingWindowPredictor, load_detector
+from detr_ssl.engine.onnx_runtime import METADATA_KEY, GraphInfo, pad_inputs
+from detr_ssl.engine.predict import SlidingWindowPredictor, TorchDetect, category_names, load_detector
 from detr_ssl.ops.ms_deform_attn import set_default_backend
 from detr_ssl.utils.errors import ConfigError, UserError
 from detr_ssl.utils.image import image_files
@@ -61,12 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     parser.add_argument("--dynamic", action="store_true",
-                        help="dynamic image size (DETR only) and batch (--raw only)")
+                        help="dynamic batch (both models) and image size (DETR only)")
     parser.add_argument("--raw", action="store_true", help="output the logits and normalised boxes, not detections")
     parser.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
                         help="padded input size (default: --max_size of the checkpoint, square)")
     parser.add_argument("--batch", type=int, default=2,
-                        help="images per batch of the graph (fixed unless --dynamic --raw) (default: 2)")
+                        help="images per batch of the graph (fixed unless --dynamic) (default: 2)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest difference from PyTorch allowed on the sample images (default: 1e-4)")
     parser.add_argument("--images", type=Path, default=SAMPLE_IMAGES,
@@ -95,8 +101,7 @@ class ExportedDetector(nn.Module):
         outputs = self.model(NestedTensor(images, mask))
         if self.raw:
             return outputs["pred_logits"], outputs["pred_boxes"]
-        found = self.postprocess({"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}, sizes)
-        return tuple(torch.stack([image[key] for image in found]) for key in ("boxes", "scores", "labels"))
+        return self.postprocess.batched(outputs, sizes)
 
 
 def input_names(raw: bool) -> list[str]:
@@ -108,9 +113,8 @@ def output_names(raw: bool) -> list[str]:
 
 
 def dynamic_axes(raw: bool, image_size: bool) -> dict[str, dict[int, str]]:
-    """Batch axes of every input and output with ``raw``, and height and width of the images if
-    ``image_size``."""
-    axes = {name: {0: "batch"} if raw else {} for name in input_names(raw) + output_names(raw)}
+    """Batch axes of every input and output, and height and width of the images if ``image_size``."""
+    axes = {name: {0: "batch"} for name in input_names(raw) + output_names(raw)}
     if image_size:
         axes["images"].update({2: "height", 3: "width"})
         axes["mask"].update({1: "height", 2: "width"})
@@ -127,11 +131,7 @@ def padded_batch(pictures: list[Image.Image], prepare: SlidingWindowPredictor,
     if any(t.shape[1] > height or t.shape[2] > width for t in inputs):
         raise ConfigError(f"--size {height} {width}: smaller than the prepared images "
                           f"{[tuple(t.shape[1:]) for t in inputs]}; use at least the checkpoint's --max_size")
-    images = torch.zeros(len(inputs), 3, height, width)
-    mask = torch.ones(len(inputs), height, width, dtype=torch.bool)
-    for index, tensor in enumerate(inputs):
-        images[index, :, :tensor.shape[1], :tensor.shape[2]] = tensor
-        mask[index, :tensor.shape[1], :tensor.shape[2]] = False
+    images, mask = pad_inputs(inputs, (height, width), len(inputs))
     sizes = torch.tensor([[p.height, p.width] for p in pictures], dtype=torch.int64)
     return images, mask, sizes
 
@@ -160,39 +160,57 @@ def check_batches(pictures: list[Image.Image], batch: int, size: tuple[int, int]
     return batches
 
 
+def graph_info(config: argparse.Namespace, names: dict[int, str], raw: bool, batch: int | None,
+               size: tuple[int, int] | None) -> GraphInfo:
+    """The metadata predict.py --onnx reads instead of the checkpoint; ``batch``/``size`` None where dynamic."""
+    return GraphInfo(model=config.model, min_size=config.min_size, max_size=config.max_size,
+                     num_classes=config.num_classes, num_queries=config.num_queries, num_select=config.max_dets,
+                     categories=names, raw=raw, batch=batch, size=size)
+
+
+def write_graph(wrapper: ExportedDetector, inputs: tuple[Tensor, ...], path: Path, opset: int,
+                axes: dict[str, dict[int, str]] | None, info: GraphInfo) -> None:
+    """Trace ``wrapper`` on ``inputs`` into ``path`` with the TorchScript exporter, ``axes``
+    dynamic, and ``info`` as its metadata."""
+    onnx, _ = import_onnx()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the shapes it traces as constants, documented
+        warnings.simplefilter("ignore", DeprecationWarning)  # of the TorchScript exporter, chosen above
+        torch.onnx.export(wrapper, inputs, str(path), dynamo=False, opset_version=opset,
+                          input_names=input_names(wrapper.raw), output_names=output_names(wrapper.raw),
+                          dynamic_axes=axes)
+    graph = onnx.load(str(path))
+    onnx.helper.set_model_props(graph, {METADATA_KEY: info.to_json()})
+    onnx.save(graph, str(path))
+
+
 def export(args: argparse.Namespace) -> dict:
     """Export, check and compare; the summary, with ``refused`` when the difference is too large."""
     onnx, onnxruntime = import_onnx()
     logger = logging.getLogger(LOGGER_NAME)
-    model, postprocess, config, _ = load_detector(args.resume, "cpu", logger)
+    model, postprocess, config, saved_names = load_detector(args.resume, "cpu", logger)
     if not str(config.backbone).startswith("resnet"):
         raise ConfigError(f"--resume {args.resume}: backbone {config.backbone}; export_onnx.py supports ResNets only")
     set_default_backend("pytorch")  # after load_detector, which sets the checkpoint's --msda_backend
     wrapper = ExportedDetector(model, postprocess, args.raw).eval()
     image_size = args.dynamic and config.model == "detr"
-    dynamic_batch = args.dynamic and args.raw
-    if args.dynamic and not (image_size or dynamic_batch):
-        raise ConfigError("--dynamic: Deformable DETR with post-processing has no dynamic axis (fixed level shapes "
-                          "and a split into --batch images); use --raw for a dynamic batch, or drop --dynamic")
     if args.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}")
     size = tuple(args.size) if args.size else (config.max_size, config.max_size)
-    prepare = SlidingWindowPredictor(model, postprocess, config, window=0)
+    prepare = SlidingWindowPredictor(TorchDetect(model, postprocess), config.min_size, config.max_size, window=0)
     pictures = [Image.open(path).convert("RGB") for path in image_files(args.images)]
     if not pictures:
         raise ConfigError(f"--images {args.images}: no images to check the export on")
-    batches = check_batches(pictures, args.batch, size, dynamic_batch, image_size)
+    batches = check_batches(pictures, args.batch, size, args.dynamic, image_size)
     inputs = padded_batch(batches[0][0], prepare, batches[0][1])[:len(input_names(args.raw))]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_name(args.out.name + ".partial")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the shapes it traces as constants, documented
-        warnings.simplefilter("ignore", DeprecationWarning)  # of the TorchScript exporter, chosen above
-        torch.onnx.export(wrapper, inputs, str(partial), dynamo=False, opset_version=args.opset,
-                          input_names=input_names(args.raw), output_names=output_names(args.raw),
-                          dynamic_axes=dynamic_axes(args.raw, image_size) if args.dynamic else None)
+    info = graph_info(config, category_names(config, saved=saved_names), args.raw,
+                      None if args.dynamic else args.batch, None if image_size else size)
     checks = []
     try:
+        write_graph(wrapper, inputs, partial, args.opset, dynamic_axes(args.raw, image_size) if args.dynamic else None,
+                    info)
         onnx.checker.check_model(str(partial))
         session = onnxruntime.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
         for batch, padded in batches:
@@ -210,7 +228,7 @@ def export(args: argparse.Namespace) -> dict:
             os.replace(partial, args.out)
     finally:
         partial.unlink(missing_ok=True)
-    return {"out": str(args.out), "model": config.model, "raw": args.raw, "dynamic_batch": dynamic_batch,
+    return {"out": str(args.out), "model": config.model, "raw": args.raw, "dynamic_batch": args.dynamic,
             "dynamic_size": image_size, "opset": args.opset, "exporter": "torchscript", "checks": checks,
             "max_diff": worst, "tolerance": args.tolerance, "refused": worst > args.tolerance}
 

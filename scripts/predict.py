@@ -4,9 +4,17 @@
         --exclude '*_RGB.png' --out runs/isaid/predict [--window 800 --overlap 200 --score_threshold 0.3]
     python scripts/predict.py --resume runs/isaid/checkpoint.pth --images /data/iSAID/val/images \\
         --annotations /data/iSAID/val/instancesonly_filtered_val.json --score_threshold 0 --out runs/isaid/full
+    python scripts/predict.py --onnx model.onnx --images /data/iSAID/val/images --out runs/isaid/onnx
 
 --images takes files and folders (searched recursively). The model and its preprocessing
-(--min_size, --max_size) come from the checkpoint's saved configuration. An image larger than
+(--min_size, --max_size) come from the checkpoint's saved configuration, or with --onnx from the
+metadata scripts/export_onnx.py writes into the graph: the same windows then run through
+onnxruntime on the CPU (pip install -e '.[export]'), no checkpoint or PyTorch model needed. A
+graph of fixed size (Deformable DETR, or DETR exported without --dynamic) gets each window padded
+into its size and the windows in batches of its batch; windows smaller than that size see more
+padding than PyTorch gives them (it pads a batch to its largest window), which changes their
+detections a little, so only windows that fill the graph's size give the checkpoint's output
+exactly. An image larger than
 --window is cut into --window x --window windows overlapping by --overlap, with the grid of
 scripts/prepare_isaid.py (the last row and column shifted inwards), so that a model trained on
 prepared patches sees objects at its training scale; the windows' detections are shifted back
@@ -31,6 +39,7 @@ import json
 import sys
 import time
 from contextlib import redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +51,22 @@ from tqdm import tqdm
 
 from detr_ssl.config import COCO_AREA_RANGES, parse_area_ranges
 from detr_ssl.engine.evaluate import coco_bbox_stats, stat_names
-from detr_ssl.engine.predict import SlidingWindowPredictor, category_names, load_detector
+from detr_ssl.engine.onnx_runtime import OnnxDetect
+from detr_ssl.engine.predict import (Detect, SlidingWindowPredictor, TorchDetect, category_names, coco_categories,
+                                     load_detector)
 from detr_ssl.engine.runner import resolve_device
 from detr_ssl.utils.drawing import category_colour, draw_boxes, save_png, to_uint8
+from detr_ssl.utils.errors import ConfigError, UserError
 from detr_ssl.utils.image import IMAGE_SUFFIXES, image_files
 from detr_ssl.utils.logging import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--resume", type=Path, required=True, help="checkpoint of a detection run (checkpoint.pth)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--resume", type=Path, help="checkpoint of a detection run (checkpoint.pth)")
+    source.add_argument("--onnx", type=Path,
+                        help="ONNX graph of scripts/export_onnx.py, run with onnxruntime instead of a checkpoint")
     parser.add_argument("--images", type=Path, nargs="+", required=True,
                         help="image files and/or folders (searched recursively for " + " ".join(IMAGE_SUFFIXES) + ")")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder (default: predictions)")
@@ -68,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="at most this many detections per image after merging (default: all)")
     parser.add_argument("--batch_size", type=int, default=4, help="windows per forward pass (default: 4)")
     parser.add_argument("--device", type=str, default="cuda",
-                        help="'cuda', 'cuda:N' or 'cpu'; falls back to the CPU without CUDA (default: cuda)")
+                        help="'cuda', 'cuda:N' or 'cpu'; falls back to the CPU without CUDA; ignored with --onnx, "
+                             "which runs on onnxruntime's CPU provider (default: cuda)")
     parser.add_argument("--exclude", type=str, nargs="*", default=[], metavar="GLOB",
                         help="skip files whose name matches, e.g. '*_RGB.png' for iSAID's mask files")
     parser.add_argument("--annotations", type=Path, default=None,
@@ -76,13 +92,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--categories", type=Path, default=None,
                         help="COCO json whose categories name the classes (default: from --annotations, else the "
                              "names the checkpoint saved, else iSAID's for an iSAID checkpoint, else the checkpoint's "
-                             "training json if still there)")
+                             "training json if still there; with --onnx, the names exported into the graph)")
     parser.add_argument("--area_ranges", type=str, default=COCO_AREA_RANGES,
                         help="object-size ranges for --annotations metrics, as in main.py (default: COCO's)")
     parser.add_argument("--no_draw", action="store_true", help="write the json files only, no PNGs")
     parser.add_argument("--skip_bad_samples", action="store_true",
                         help="skip unreadable image files (listed at the end) instead of stopping")
     return parser
+
+
+@dataclass
+class Backend:
+    """What detects (a checkpoint's model or an ONNX graph) and what the log and outputs tell of it."""
+
+    detect: Detect
+    model: str
+    num_classes: int
+    num_queries: int
+    min_size: int
+    max_size: int
+    names: dict[int, str]
+    runs_on: str
+
+
+def checkpoint_backend(args: argparse.Namespace, logger) -> Backend:
+    """The checkpoint of --resume on --device, classes named as ``category_names`` says."""
+    device = resolve_device(args.device)
+    model, postprocess, config, saved = load_detector(args.resume, device, logger)
+    return Backend(TorchDetect(model, postprocess), config.model, config.num_classes, config.num_queries,
+                   config.min_size, config.max_size, category_names(config, args.categories or args.annotations, saved),
+                   str(device))
+
+
+def onnx_backend(args: argparse.Namespace) -> Backend:
+    """The graph of --onnx on onnxruntime, classes named by --categories/--annotations or else the
+    names exported with it."""
+    detect = OnnxDetect(args.onnx)
+    info = detect.info
+    coco_json = args.categories or args.annotations
+    shape = "x".join(str(n) for n in (info.batch or "dynamic", *(info.size or ("dynamic",))))
+    return Backend(detect, info.model, info.num_classes, info.num_queries, info.min_size, info.max_size,
+                   coco_categories(coco_json) if coco_json else info.categories,
+                   f"onnxruntime's CPU (graph input {shape}{', raw outputs' if info.raw else ''})")
 
 
 def find_inputs(paths: list[Path], exclude: list[str]) -> list[Path]:
@@ -155,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         area_ranges = parse_area_ranges(args.area_ranges)
     except ValueError as err:
         parser.error(f"--area_ranges: {err}")
-    if not args.resume.is_file():
+    if args.resume and not args.resume.is_file():
         parser.error(f"--resume: checkpoint not found: {args.resume}")
     args.out.mkdir(parents=True, exist_ok=True)
     logger = setup_logging(str(args.out), rank=0)
@@ -165,20 +216,19 @@ def main(argv: list[str] | None = None) -> int:
         todo, left_out = assign_ids(files, gt)
         if gt is not None and not todo:
             raise ValueError(f"--annotations {args.annotations} lists none of the {len(files)} images found")
-        device = resolve_device(args.device)
-        model, postprocess, model_args, saved_names = load_detector(args.resume, device, logger)
-        names = category_names(model_args, args.categories or args.annotations, saved_names)
-    except (OSError, ValueError, RuntimeError) as err:
+        backend = onnx_backend(args) if args.onnx else checkpoint_backend(args, logger)
+    except (OSError, ValueError, RuntimeError, UserError) as err:
         logger.error("%s", err)
         return 1
     if left_out:
         logger.warning("%d file(s) not listed in %s were left out, e.g. %s", len(left_out), args.annotations,
                        ", ".join(str(f) for f in left_out[:3]))
-    predictor = SlidingWindowPredictor(model, postprocess, model_args, args.window, args.overlap, args.batch_size,
-                                       args.score_threshold, args.nms_iou)
+    predictor = SlidingWindowPredictor(backend.detect, backend.min_size, backend.max_size, args.window, args.overlap,
+                                       args.batch_size, args.score_threshold, args.nms_iou)
     logger.info("predicting %d image(s) with %s (%s, %d classes, %d queries, images resized to %d px) on %s, "
-                "windows of %s px overlapping by %d", len(todo), args.resume, model_args.model, model_args.num_classes,
-                model_args.num_queries, model_args.min_size, device, args.window or "whole-image", args.overlap)
+                "windows of %s px overlapping by %d", len(todo), args.onnx or args.resume, backend.model,
+                backend.num_classes, backend.num_queries, backend.min_size, backend.runs_on,
+                args.window or "whole-image", args.overlap)
 
     results: list[dict[str, Any]] = []
     images: list[dict[str, Any]] = []
@@ -196,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             skipped.append(f"{path}: {err}")
             continue
-        detection = predictor(image)
+        try:
+            detection = predictor(image)
+        except ConfigError as err:  # a window that does not fit a fixed-size ONNX graph
+            logger.error("%s: %s", path, err)
+            return 1
         if args.max_dets is not None:
             detection = {key: value[:args.max_dets] for key, value in detection.items()}
         results += to_results(image_id, detection)
@@ -205,12 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_draw:
             name = path.stem if path.stem not in written else f"{path.stem}_{image_id}"
             written.add(name)
-            save_png(draw(image, detection, names), args.out / f"{name}.png")
+            save_png(draw(image, detection, backend.names), args.out / f"{name}.png")
     seconds = time.perf_counter() - started
     if skipped:
         logger.warning("--skip_bad_samples skipped %d unreadable image(s):\n%s", len(skipped),
                        "\n".join(f"  {s}" for s in skipped))
-    categories = [{"id": i, "name": name} for i, name in sorted(names.items())]
+    categories = [{"id": i, "name": name} for i, name in sorted(backend.names.items())]
     (args.out / "predictions.json").write_text(json.dumps(results))
     (args.out / "images.json").write_text(json.dumps({"images": images, "categories": categories}, indent=1))
     summary = {"images": len(images), "detections": len(results), "skipped": len(skipped),

@@ -12,7 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from detr_ssl import Detector
 from detr_ssl.config import MODEL_DEFAULTS, build_parser
-from detr_ssl.engine.predict import SlidingWindowPredictor, load_detector
+from detr_ssl.engine.predict import SlidingWindowPredictor, TorchDetect, load_detector
 from detr_ssl.models import build_model
 from detr_ssl.utils.errors import MissingFileError
 
@@ -58,14 +58,15 @@ def test_detections_are_those_of_predict_py_whole_and_tiled(checkpoint):
     detector = Detector.from_checkpoint(checkpoint, device="cpu", batch_size=3)
     paths = sample_images()
     found = detector.predict([str(path) for path in paths], score_threshold=0.01)
-    whole = SlidingWindowPredictor(model, postprocess, args, window=0, score_threshold=0.01)
+    detect = TorchDetect(model, postprocess)
+    whole = SlidingWindowPredictor(detect, args.min_size, args.max_size, window=0, score_threshold=0.01)
     assert len(found) == len(paths) == 4
     for result, path in zip(found, paths):
         with Image.open(path) as image:
             assert_same(result, whole(image))
             assert (result.boxes[:, 2] <= image.width + 1e-3).all() and (result.boxes[:, 3] <= image.height + 1e-3).all()
         assert result.scores.tolist() == sorted(result.scores.tolist(), reverse=True)
-    tiled = SlidingWindowPredictor(model, postprocess, args, window=256, overlap=64)
+    tiled = SlidingWindowPredictor(detect, args.min_size, args.max_size, window=256, overlap=64)
     with Image.open(paths[0]) as image:
         assert_same(detector.predict(paths[0], tile=True, window=256, overlap=64), tiled(image))
 

@@ -1,18 +1,26 @@
 """scripts/export_onnx.py: tiny DETR and Deformable DETR exported to ONNX give PyTorch's outputs
-on the sample images under onnxruntime, or no file."""
+on the sample images under onnxruntime, or no file; scripts/predict.py --onnx gives the
+detections of predict.py with the checkpoint."""
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 from conftest import load_script
-from test_api import DEFORMABLE, tiny_checkpoint
+from detr_ssl.engine.onnx_runtime import METADATA_KEY, OnnxDetect
+from detr_ssl.engine.predict import SlidingWindowPredictor, TorchDetect, load_detector
+from test_api import CATEGORIES, DEFORMABLE, SAMPLE_VAL, sample_images, tiny_checkpoint
 
 onnx = pytest.importorskip("onnx", reason="ONNX export needs the export extra: pip install -e '.[export]'")
 onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX export needs the export extra: pip install -e '.[export]'")
 export_onnx = load_script("export_onnx")
+predict = load_script("predict")
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +48,10 @@ def test_onnxruntime_gives_the_pytorch_outputs(checkpoints, model, raw, tmp_path
 
 
 @pytest.mark.parametrize(("model", "flags", "shapes"), [
-    ("detr", [], [[2, 3, 128, 128], [2, 3, 128, 97]]),               # another image size, same batch
-    ("detr", ["--raw"], [[2, 3, 128, 128], [3, 3, 128, 97]]),         # another size and batch
-    ("deformable_detr", ["--raw"], [[2, 3, 128, 128], [3, 3, 128, 128]]),  # another batch only
+    ("detr", [], [[2, 3, 128, 128], [3, 3, 128, 97]]),               # another size and batch
+    ("detr", ["--raw"], [[2, 3, 128, 128], [3, 3, 128, 97]]),
+    ("deformable_detr", [], [[2, 3, 128, 128], [3, 3, 128, 128]]),    # another batch only
+    ("deformable_detr", ["--raw"], [[2, 3, 128, 128], [3, 3, 128, 128]]),
 ])
 def test_dynamic_exports_run_at_other_shapes(checkpoints, model, flags, shapes, tmp_path, capsys):
     status, summary = export(capsys, checkpoints[model], tmp_path / "model.onnx", "--dynamic", *flags)
@@ -50,11 +59,8 @@ def test_dynamic_exports_run_at_other_shapes(checkpoints, model, flags, shapes, 
     assert all(check["max_diff"] <= 1e-4 for check in summary["checks"])
 
 
-def test_deformable_detections_have_no_dynamic_axis(checkpoints, tmp_path, capsys):
-    assert export_onnx.main(["--resume", str(checkpoints["deformable_detr"]), "--out", str(tmp_path / "m.onnx"),
-                             "--dynamic"]) == 1
-    assert "--dynamic: Deformable DETR with post-processing has no dynamic axis" in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())
+def metadata(path: Path) -> dict:
+    return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[METADATA_KEY])
 
 
 def test_a_difference_above_the_tolerance_writes_no_file(checkpoints, tmp_path, capsys):
@@ -68,3 +74,92 @@ def test_missing_packages_name_the_extra(monkeypatch, checkpoints, tmp_path, cap
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
     assert export_onnx.main(["--resume", str(checkpoints["detr"]), "--out", str(tmp_path / "m.onnx")]) == 1
     assert "pip install -e '.[export]'" in capsys.readouterr().err
+
+
+# --- scripts/predict.py --onnx ------------------------------------------------------------------
+
+def predictions(capsys, out: Path, *flags: str) -> list[dict]:
+    """predict.py's detections of a portrait and a landscape sample image."""
+    status = predict.main([*flags, "--images", *map(str, sample_images()[:2]), "--out", str(out), "--score_threshold",
+                           "0", "--device", "cpu", "--no_draw"])
+    assert status == 0, (out / "log.txt").read_text()[-2000:]
+    capsys.readouterr()
+    return json.loads((out / "predictions.json").read_text())
+
+
+TILED = ["--window", "256", "--overlap", "64"]  # 9 windows of 256 px per image, resized to 128x128
+
+
+@pytest.mark.parametrize(("model", "export_flags", "windows", "batch", "size"), [
+    ("detr", ["--dynamic"], ["--window", "0"], None, None),   # whole 128x97 / 95x128 images, no padding
+    ("detr", [], TILED, 2, [128, 128]),                       # batches of 4 windows in runs of 2, the last padded
+    ("detr", ["--raw"], TILED, 2, [128, 128]),                # post-processed by the runner
+    ("deformable_detr", [], TILED, 2, [128, 128]),
+    ("deformable_detr", ["--raw", "--dynamic"], TILED, None, [128, 128]),
+])
+def test_predict_with_onnx_gives_the_detections_of_the_checkpoint(checkpoints, model, export_flags, windows, batch,
+                                                                  size, tmp_path, capsys):
+    graph = tmp_path / "model.onnx"
+    assert export(capsys, checkpoints[model], graph, *export_flags)[0] == 0
+    assert metadata(graph) == {"model": model, "min_size": 128, "max_size": 128, "num_classes": 5, "num_queries": 12,
+                               "num_select": 100, "categories": {str(k): v for k, v in CATEGORIES.items()},
+                               "raw": "--raw" in export_flags, "batch": batch, "size": size}
+    expected = predictions(capsys, tmp_path / "torch", "--resume", str(checkpoints[model]), *windows)
+    found = predictions(capsys, tmp_path / "onnx", "--onnx", str(graph), *windows)
+    assert len(found) == len(expected) >= 10
+    for ours, theirs in zip(found, expected):
+        assert (ours["image_id"], ours["category_id"]) == (theirs["image_id"], theirs["category_id"])
+        assert ours["score"] == pytest.approx(theirs["score"], abs=1e-4)
+        assert ours["bbox"] == pytest.approx(theirs["bbox"], abs=0.05)  # px, of 640 px images; json rounds to 0.01
+    names = json.loads((tmp_path / "onnx" / "images.json").read_text())["categories"]
+    assert {c["id"]: c["name"] for c in names} == CATEGORIES
+
+
+def test_a_fixed_size_graph_pads_each_input_bottom_right_into_its_size_and_batch(checkpoints, tmp_path, capsys):
+    """Whole sample images (about 128x96 and 96x128) into Deformable DETR's 2x128x128 graph, three at
+    once: PyTorch on the same inputs padded to 128x128 (a full-size input in the batch, dropped)."""
+    graph = tmp_path / "model.onnx"
+    assert export(capsys, checkpoints["deformable_detr"], graph)[0] == 0
+    model, postprocess, _, _ = load_detector(checkpoints["deformable_detr"], "cpu", logging.getLogger("test"))
+    detect = OnnxDetect(graph)
+    prepare = SlidingWindowPredictor(detect, 128, 128, window=0).prepare
+    pictures = [Image.open(path).convert("RGB") for path in sample_images()[:3]]
+    inputs, sizes = [prepare(picture) for picture in pictures], [(p.height, p.width) for p in pictures]
+    assert all(max(t.shape[1:]) == 128 > min(t.shape[1:]) for t in inputs)
+    found = detect(inputs, sizes)
+    padded = TorchDetect(model, postprocess)([*inputs, torch.zeros(3, 128, 128)], [*sizes, (128, 128)])[:3]
+    unpadded = TorchDetect(model, postprocess)(inputs[:1], sizes[:1])
+    assert len(found) == 3
+    for ours, theirs in zip(found, padded):
+        assert torch.equal(ours["labels"], theirs["labels"])
+        assert torch.allclose(ours["scores"], theirs["scores"], atol=1e-4)
+        assert torch.allclose(ours["boxes"], theirs["boxes"], atol=1e-3 * 640)
+    assert not torch.allclose(found[0]["boxes"], unpadded[0]["boxes"], atol=1.0)  # why the padding must match
+
+
+def test_predict_with_onnx_errors_name_what_to_do(checkpoints, tmp_path, capsys, monkeypatch):
+    graph = tmp_path / "model.onnx"
+    assert export(capsys, checkpoints["detr"], graph)[0] == 0
+    with pytest.raises(SystemExit):
+        predict.main(["--onnx", str(graph), "--resume", str(checkpoints["detr"]), "--images", str(SAMPLE_VAL)])
+    assert "argument --resume: not allowed with argument --onnx" in capsys.readouterr().err
+
+    def fails(name: str, proto=None) -> str:
+        path = graph
+        if proto is not None:
+            path = tmp_path / f"{name}.onnx"
+            onnx.save(proto, str(path))
+        assert predict.main(["--onnx", str(path), "--images", str(SAMPLE_VAL), "--out", str(tmp_path / name),
+                             "--window", "0", "--no_draw"]) == 1
+        return (tmp_path / name / "log.txt").read_text()
+
+    small = onnx.load(str(graph))
+    entry = next(p for p in small.metadata_props if p.key == METADATA_KEY)
+    entry.value = json.dumps({**json.loads(entry.value), "size": [96, 96]})
+    assert ("does not fit the graph's fixed input of 96x96; export again with scripts/export_onnx.py --size 128 128"
+            in fails("small", small))
+    bare = onnx.load(str(graph))
+    del bare.metadata_props[:]
+    assert "no 'detr_ssl' metadata; export the checkpoint with scripts/export_onnx.py" in fails("bare", bare)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert "pip install -e '.[export]'" in fails("no_runtime")

@@ -20,6 +20,7 @@ from detr_ssl.__main__ import main as train_main
 from detr_ssl.data.isaid import ISAID_CATEGORIES
 from detr_ssl.data.tiling import BORDER_MARGIN, Window, merge_window_detections, sliding_windows
 from detr_ssl.engine.predict import inference_args, load_detector
+from detr_ssl.models.postprocess import PostProcess, PostProcessSigmoid
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ISAID_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "isaid_sample" / "train"
@@ -129,6 +130,23 @@ def test_windows_cut_from_the_real_isaid_image_merge_back_to_its_objects():
     best = iou.argmax(1)
     assert iou.max(1).values.min() == pytest.approx(1.0) and len(set(best.tolist())) == len(truth)
     assert torch.equal(merged["labels"][best], labels)
+
+
+# --- post-processing ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("postprocess", [PostProcess(), PostProcessSigmoid(num_select=7)], ids=["softmax", "sigmoid"])
+def test_batched_post_processing_gives_each_image_what_it_gets_alone(postprocess):
+    """The batch-wise tensors (what the ONNX graph returns) are the per-image dicts, and an image's
+    detections do not depend on the others of its batch."""
+    torch.manual_seed(0)
+    outputs = {"pred_logits": torch.randn(3, 6, 5), "pred_boxes": torch.rand(3, 6, 4)}
+    sizes = torch.tensor([[100, 200], [50, 60], [640, 481]])
+    boxes, scores, labels = postprocess.batched(outputs, sizes)
+    assert boxes.shape == (3, len(scores[0]), 4) and labels.shape == scores.shape
+    for index, found in enumerate(postprocess(outputs, sizes)):
+        alone = postprocess({key: value[index:index + 1] for key, value in outputs.items()}, sizes[index:index + 1])[0]
+        for key, value in {"boxes": boxes, "scores": scores, "labels": labels}.items():
+            assert torch.equal(found[key], value[index]) and torch.equal(alone[key], value[index])
 
 
 # --- predict.py and visualize.py end to end -------------------------------------------------------

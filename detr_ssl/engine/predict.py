@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -112,8 +112,11 @@ def category_names(args: argparse.Namespace, coco_json: str | Path | None = None
             coco_json = split_paths(args.data_path, args.train_split)[1]
         except FileNotFoundError:
             return {}
-    if coco_json is None:
-        return {}
+    return {} if coco_json is None else coco_categories(coco_json)
+
+
+def coco_categories(coco_json: str | Path) -> dict[int, str]:
+    """The category names of a COCO json, by id."""
     try:
         categories = json.loads(Path(coco_json).read_text()).get("categories", [])
     except (OSError, json.JSONDecodeError, AttributeError) as err:
@@ -121,21 +124,42 @@ def category_names(args: argparse.Namespace, coco_json: str | Path | None = None
     return {int(cat["id"]): str(cat["name"]) for cat in categories}
 
 
+Detect = Callable[[list[Tensor], list[tuple[int, int]]], list[dict[str, Tensor]]]
+"""A detector on one batch: prepared CHW inputs and their crops' (height, width) -> one dict of
+``boxes`` (XYXY pixels of those sizes), ``scores`` and ``labels`` per input, on the CPU."""
+
+
+class TorchDetect:
+    """:data:`Detect` with a PyTorch model and its post-processor: the batch padded bottom-right
+    to its largest input, as in evaluation."""
+
+    def __init__(self, model: nn.Module, postprocess: nn.Module) -> None:
+        self.model, self.postprocess = model, postprocess
+
+    @torch.no_grad()
+    def __call__(self, inputs: list[Tensor], sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        device = next(self.model.parameters()).device
+        batch = nested_tensor_from_tensor_list(inputs).to(device)
+        found = self.postprocess(self.model(batch), torch.tensor(sizes, device=device))
+        return [{key: value.cpu() for key, value in image.items()} for image in found]
+
+
 class SlidingWindowPredictor:
     """Detections on a whole image: windows of ``window`` px overlapping by ``overlap`` (one
     window of the whole image with ``window`` <= 0 or a small image), each prepared exactly as
-    in evaluation (resized to the checkpoint's ``--min_size``/``--max_size``, normalised), run in
-    batches of ``batch_size``; detections under ``score_threshold`` are dropped, boxes clipped to
-    their window, and the windows merged with class-wise NMS at ``nms_iou`` (see
+    in evaluation (resized to the checkpoint's ``min_size``/``max_size``, normalised), run through
+    ``detect`` (a PyTorch model, :class:`TorchDetect`, or an ONNX graph,
+    ``detr_ssl.engine.onnx_runtime.OnnxDetect``: the window logic is the same for both) in batches
+    of ``batch_size``; detections under ``score_threshold`` are dropped, boxes clipped to their
+    window, and the windows merged with class-wise NMS at ``nms_iou`` (see
     ``merge_window_detections``)."""
 
-    def __init__(self, model: nn.Module, postprocess: nn.Module, args: argparse.Namespace, window: int = 800,
-                 overlap: int = 200, batch_size: int = 4, score_threshold: float = 0.0, nms_iou: float = 0.5) -> None:
+    def __init__(self, detect: Detect, min_size: int, max_size: int, window: int = 800, overlap: int = 200,
+                 batch_size: int = 4, score_threshold: float = 0.0, nms_iou: float = 0.5) -> None:
         if window > 0 and not 0 <= overlap < window:
             raise ValueError(f"need 0 <= overlap < window, got window={window}, overlap={overlap}")
-        self.model, self.postprocess = model, postprocess
-        self.device = next(model.parameters()).device
-        self.transforms = build_transforms("val", args.min_size, args.max_size)
+        self.detect_batch = detect
+        self.transforms = build_transforms("val", min_size, max_size)
         self.window, self.overlap, self.batch_size = window, overlap, batch_size
         self.score_threshold, self.nms_iou = score_threshold, nms_iou
         self.below_threshold = 0  # detections dropped under score_threshold so far, to report
@@ -151,16 +175,14 @@ class SlidingWindowPredictor:
                  "labels": torch.zeros(0, dtype=torch.int64), "iscrowd": torch.zeros(0, dtype=torch.int64)}
         return self.transforms(crop, empty)[0]
 
-    @torch.no_grad()
     def detect(self, inputs: list[Tensor], sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         """Detections of prepared ``inputs`` (one batch) in pixels of their crops' (height, width)
         ``sizes``: under ``score_threshold`` dropped (and counted), boxes clipped, on the CPU."""
-        batch = nested_tensor_from_tensor_list(inputs).to(self.device)
         results = []
-        for found, size in zip(self.postprocess(self.model(batch), torch.tensor(sizes, device=self.device)), sizes):
+        for found, size in zip(self.detect_batch(inputs, sizes), sizes):
             keep = found["scores"] >= self.score_threshold
             self.below_threshold += int((~keep).sum())
-            found = {key: value[keep].cpu() for key, value in found.items()}
+            found = {key: value[keep] for key, value in found.items()}
             found["boxes"] = clip_boxes_to_image(found["boxes"], size)
             results.append(found)
         return results
