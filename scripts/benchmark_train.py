@@ -8,17 +8,26 @@
     python scripts/benchmark_train.py --model detr --ssl_task mim_continuous --overhead   # ... / plain step
     python scripts/benchmark_train.py --model detr --ssl_method detreg --overhead   # DETReg step / plain step
     python scripts/benchmark_train.py --model detr --ssl_method box_contrast --overhead   # two views / plain step
+    python scripts/benchmark_train.py --model detr --backbone vit_small_patch16   # ViT + simple pyramid (timm)
+    python scripts/benchmark_train.py --model detr --backbone vit_base_patch16 --ssl_method mae --ssl_mode pretrain \
+        --size 224 --batch_size 8                                 # MAE pre-training step of the ViT
+    python scripts/benchmark_train.py --model detr --peer hf    # also Hugging Face transformers' DETR, alternating
     python scripts/benchmark_train.py --model detr --profile    # also print torch.profiler's top ops
 
 Inputs are real sample photos resized to SIZE x SIZE with their real boxes, so the matcher and
 losses do real work. Timing excludes data loading. ``--overhead`` also builds the same detector
 without the self-supervised flags and times its step alternately with the measured one, in the
-same process, so that the ratio holds even when the machine's speed drifts.
+same process, so that the ratio holds even when the machine's speed drifts. ``--peer hf`` does the
+same with the peer users pick instead: Hugging Face ``transformers``' DetrForObjectDetection /
+DeformableDetrForObjectDetection (timm backbone of the same name, random init, nothing downloaded)
+with its own matcher and loss, on the same batch, with AdamW at ``--lr`` and the same clipping
+(``pip install -e '.[hf]'``; without transformers the script says so and stops).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -65,7 +74,10 @@ def sample_batch(args: argparse.Namespace, batch_size: int, size: int, device: t
     return samples.to(device), targets
 
 
-def training_step(args: argparse.Namespace, device: torch.device, samples, targets) -> Callable[[], None]:
+Step = tuple[Callable[[], None], int]  # one optimizer step as a function, and the model's parameter count
+
+
+def training_step(args: argparse.Namespace, device: torch.device, samples, targets) -> Step:
     """One optimizer step of the detector that ``args`` describes (seeded), as a function."""
     torch.manual_seed(0)
     model, criterion, _ = build_model(args)
@@ -82,7 +94,45 @@ def training_step(args: argparse.Namespace, device: torch.device, samples, targe
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
         optimizer.step()
 
-    return step
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def hf_training_step(args: argparse.Namespace, device: torch.device, samples: NestedTensor,
+                     targets: list[dict]) -> Step:
+    """The same optimizer step in Hugging Face transformers' detector of the same architecture."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a config builds without the hub; never reach it
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit("--peer hf needs transformers and timm: pip install -e '.[hf]'") from None
+    common = dict(use_timm_backbone=True, backbone=args.backbone, use_pretrained_backbone=False,
+                  num_queries=args.num_queries, num_labels=args.num_classes or 91, d_model=args.hidden_dim,
+                  encoder_layers=args.enc_layers, decoder_layers=args.dec_layers,
+                  encoder_ffn_dim=args.dim_feedforward, decoder_ffn_dim=args.dim_feedforward,
+                  encoder_attention_heads=args.nheads, decoder_attention_heads=args.nheads,
+                  dropout=args.dropout, auxiliary_loss=args.aux_loss, dilation=args.dilation)
+    torch.manual_seed(0)
+    if args.model == "detr":
+        model = transformers.DetrForObjectDetection(transformers.DetrConfig(**common))
+    else:
+        config = transformers.DeformableDetrConfig(
+            **common, num_feature_levels=args.num_feature_levels, encoder_n_points=args.enc_n_points,
+            decoder_n_points=args.dec_n_points, with_box_refine=args.with_box_refine, two_stage=args.two_stage)
+        model = transformers.DeformableDetrForObjectDetection(config)
+    model.to(device).train()
+    labels = [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+    pixel_mask = (~samples.mask).long()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+
+    def step() -> None:
+        loss = model(pixel_values=samples.tensors, pixel_mask=pixel_mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
+        optimizer.step()
+
+    return step, sum(p.numel() for p in model.parameters())
 
 
 def without_self_supervision(args: argparse.Namespace) -> argparse.Namespace:
@@ -142,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
                        help="after timing, profile 2 more steps and print the ops by self CPU time to stderr")
     bench.add_argument("--overhead", action="store_true",
                        help="also time the step without --ssl_task/--query_patches, alternating, and print the ratio")
+    bench.add_argument("--peer", choices=["hf"], default=None,
+                       help="also time Hugging Face transformers' detector of the same architecture, alternating, "
+                            "and print our step / theirs")
     opts, extra = bench.parse_known_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -153,28 +206,32 @@ def main(argv: list[str] | None = None) -> None:
                                                           "proposals": None}), opts.batch_size, opts.size, device)
     method = METHODS.get(args.ssl_method)
     if method is not None and method.needs_proposals:
-        step = training_step(args, device, *pseudo_box_batch(samples, targets, method.views))
+        step, parameters = training_step(args, device, *pseudo_box_batch(samples, targets, method.views))
     else:
-        step = training_step(args, device, samples, targets)
-    plain_step = training_step(without_self_supervision(args), device, samples, targets) if opts.overhead else None
+        step, parameters = training_step(args, device, samples, targets)
+    others = {}  # steps timed alternately with ours: the plain detection step, the peer's
+    if opts.overhead:
+        others["plain"], _ = training_step(without_self_supervision(args), device, samples, targets)
+    if opts.peer:
+        others["peer"], peer_parameters = hf_training_step(args, device, samples, targets)
 
     def synchronize() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     for _ in range(opts.warmup):
-        step()
-        if plain_step:
-            plain_step()
+        for run in (step, *others.values()):
+            run()
     synchronize()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, plain_times = [], []
+    times, other_times = [], {name: [] for name in others}
     for _ in range(opts.iters):
         times.append(timed(step, synchronize))
-        if plain_step:
-            plain_times.append(timed(plain_step, synchronize))
+        for name, run in others.items():
+            other_times[name].append(timed(run, synchronize))
     seconds = statistics.median(times)
+    other_seconds = {name: statistics.median(values) for name, values in other_times.items()}
     if opts.profile:
         print(profile_table(step, synchronize, device), file=sys.stderr)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
@@ -185,9 +242,14 @@ def main(argv: list[str] | None = None) -> None:
         "ssl_backbone_grad": args.ssl_backbone_grad, "ssl_method": args.ssl_method, "precision": str(amp_dtype(args, device) or torch.float32).replace("torch.", ""), "device": str(device),
         "s_per_it": round(seconds, 4), "s_per_it_min": round(min(times), 4), "imgs_per_s": round(opts.batch_size / seconds, 3),
         "peak_memory_mb": round(peak / 2**20, 1), "iters": opts.iters,
-        **({"plain_s_per_it": round(statistics.median(plain_times), 4),
-            "overhead": round(seconds / statistics.median(plain_times), 3)} if plain_step else {}),
-        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+        **({"plain_s_per_it": round(other_seconds["plain"], 4),
+            "overhead": round(seconds / other_seconds["plain"], 3)} if "plain" in others else {}),
+        "parameters": parameters,
+        **({"peer": opts.peer, "peer_s_per_it": round(other_seconds["peer"], 4), "peer_parameters": peer_parameters,
+            "ours_over_peer": round(seconds / other_seconds["peer"], 3)} if "peer" in others else {}),
+        "backbone": args.backbone,
+        "machine": {"cpu": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
+                    "threads": torch.get_num_threads(), "platform": platform.platform(),
                     "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
         "torch": torch.__version__,
     }, indent=1))

@@ -43,6 +43,16 @@ def test_benchmark_train_overhead_compares_with_the_plain_step(capsys, flags):
                                     else "none")
 
 
+@pytest.mark.parametrize("flags", [[], ["--model", "deformable_detr", "--msda_backend", "pytorch",
+                                        "--num_feature_levels", "3"]], ids=["detr", "deformable_detr"])
+def test_benchmark_train_times_the_hugging_face_peer_of_the_same_size(capsys, flags):
+    pytest.importorskip("transformers", reason="--peer hf needs transformers: pip install -e '.[hf]'")
+    benchmark_train.main([*TINY_TRAIN, "--peer", "hf", *flags, "--dec_layers", "2"])  # transformers 5 ties 2+
+    result = printed_json(capsys)
+    assert result["ours_over_peer"] == pytest.approx(result["s_per_it"] / result["peer_s_per_it"], abs=2e-3)
+    assert result["peer_parameters"] == result["parameters"]  # the same architecture, timed alike
+
+
 def test_benchmark_matcher_checks_both_implementations_agree(capsys):
     benchmark_matcher.main(["--iters", "2", "--warmup", "1", "--batch_size", "2"])
     results = printed_json(capsys)["results"]
