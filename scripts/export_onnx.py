@@ -1,4 +1,4 @@
-"""Export a trained DETR or Deformable DETR checkpoint (ResNet backbones) to ONNX, and check it.
+"""Export a trained DETR or Deformable DETR checkpoint (ResNet or ViT backbone) to ONNX, and check it.
 
     python scripts/export_onnx.py --resume runs/coco/checkpoint.pth --out model.onnx [--opset 17]
         [--dynamic] [--raw] [--size H W] [--tolerance 1e-4]
@@ -20,9 +20,10 @@ whatever --msda_backend the checkpoint was trained with: the compiled kernels ar
 --dynamic makes the batch axis (0) of every input and output dynamic, for both models, raw or
 post-processed (the post-processors compute the batch at once, no per-image split), and for DETR
 also the image height and width (axes 2, 3 of ``images``, 1, 2 of ``mask``: its sine position
-encoding is computed from the mask in the graph). Deformable DETR's level shapes and start indices
-are Python integers when traced, so they are baked into the graph and its image size is always
-fixed at --size (pad smaller images into it). Without --dynamic every axis is fixed at --batch x --size.
+encoding is computed from the mask in the graph) with a ResNet. Deformable DETR's level shapes and
+start indices, and a ViT's window partition and position-table resampling matrices, are Python
+integers and constants when traced, so they are baked into the graph and its image size is always
+fixed at --size (pad smaller images into it; each image's own valid size still comes from the mask). Without --dynamic every axis is fixed at --batch x --size.
 
 The graph carries what scripts/predict.py --onnx needs instead of the checkpoint, as the JSON
 metadata entry "detr_ssl" (``detr_ssl.engine.onnx_runtime.GraphInfo``): model, --min_size,
@@ -52,6 +53,7 @@ from torch import Tensor, nn
 
 from detr_ssl.engine.onnx_runtime import METADATA_KEY, GraphInfo, pad_inputs
 from detr_ssl.engine.predict import SlidingWindowPredictor, TorchDetect, category_names, load_detector
+from detr_ssl.models.vit import is_vit
 from detr_ssl.ops.ms_deform_attn import set_default_backend
 from detr_ssl.utils.errors import ConfigError, UserError
 from detr_ssl.utils.image import image_files
@@ -189,11 +191,9 @@ def export(args: argparse.Namespace) -> dict:
     onnx, onnxruntime = import_onnx()
     logger = logging.getLogger(LOGGER_NAME)
     model, postprocess, config, saved_names = load_detector(args.resume, "cpu", logger)
-    if not str(config.backbone).startswith("resnet"):
-        raise ConfigError(f"--resume {args.resume}: backbone {config.backbone}; export_onnx.py supports ResNets only")
     set_default_backend("pytorch")  # after load_detector, which sets the checkpoint's --msda_backend
     wrapper = ExportedDetector(model, postprocess, args.raw).eval()
-    image_size = args.dynamic and config.model == "detr"
+    image_size = args.dynamic and config.model == "detr" and not is_vit(config.backbone)
     if args.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}")
     size = tuple(args.size) if args.size else (config.max_size, config.max_size)

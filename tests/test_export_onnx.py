@@ -59,6 +59,22 @@ def test_dynamic_exports_run_at_other_shapes(checkpoints, model, flags, shapes, 
     assert all(check["max_diff"] <= 1e-4 for check in summary["checks"])
 
 
+VIT = ["--backbone", "vit_tiny_patch16", "--pyramid_channels", "32", "--vit_window_size", "4"]
+
+
+@pytest.mark.parametrize("model", ["detr", "deformable_detr"])
+def test_vit_backbones_export_with_a_dynamic_batch_at_a_fixed_size(model, tmp_path, capsys):
+    """Windows and the per-image position tables trace: the portrait and landscape sample images
+    (different valid token grids in one padded batch) give PyTorch's outputs at two batch sizes."""
+    pytest.importorskip("timm", reason="ViT backbones need the vit extra: pip install -e '.[vit]'")
+    flags = [*VIT, *(DEFORMABLE if model == "deformable_detr" else [])]
+    checkpoint = tiny_checkpoint(tmp_path / "vit.pth", flags)
+    status, summary = export(capsys, checkpoint, tmp_path / "model.onnx", "--dynamic")
+    assert status == 0 and summary["dynamic_batch"] and not summary["dynamic_size"]
+    assert [check["shape"] for check in summary["checks"]] == [[2, 3, 128, 128], [3, 3, 128, 128]]
+    assert all(check["max_diff"] <= 1e-4 for check in summary["checks"])
+
+
 def metadata(path: Path) -> dict:
     return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[METADATA_KEY])
 

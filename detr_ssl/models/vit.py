@@ -24,6 +24,7 @@ convolution). timm is imported only when a ViT is built: ResNet users never need
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 
@@ -127,6 +128,20 @@ class RelativePositionBias(nn.Module):
         return rearrange(self.table[dy, dx], "q k heads -> heads q k")
 
 
+@functools.lru_cache(maxsize=128)
+def resampling_matrices(old: int, longest: int) -> Tensor:
+    """(longest + 1, longest, old): entry n maps ``old`` position-table entries along one axis to n
+    (rows from n on zero), as timm's ``resample_abs_pos_embed`` (bicubic, antialiased, separable)
+    does; its matrix is that interpolation applied to the identity."""
+    # width 2, not 1: on a width-1 input antialiased bicubic interpolation is not the identity along it
+    basis = torch.eye(old, dtype=torch.float64)[:, None, :, None].expand(old, 1, old, 2)
+    matrices = torch.zeros(longest + 1, longest, old, dtype=torch.float64)
+    for size in range(1, longest + 1):
+        resized = F.interpolate(basis, size=(size, 2), mode="bicubic", antialias=True, align_corners=False)
+        matrices[size, :size] = resized[:, 0, :, 0].T
+    return matrices
+
+
 def attend(attn: nn.Module, x: Tensor, key_valid: Tensor, bias: Tensor | None) -> Tensor:
     """timm ``Attention``'s computation on (N, L, C) tokens through its own weights, with the
     invalid keys masked out. A row of padding only (a window outside the image) attends to all its
@@ -186,18 +201,14 @@ class ViTDetBody(nn.Module):
         self.pyramid = SimpleFeaturePyramid(vit.embed_dim, out_channels, self.strides)
 
     def position_embedding(self, valid: Tensor) -> Tensor:
-        """(B, H, W, C) absolute position embeddings, each image's resized to its valid token grid
-        (zero on padding), from timm's table."""
-        from timm.layers import resample_abs_pos_embed
-
-        grid = self.vit.patch_embed.grid_size
-        sizes = torch.stack([valid[:, :, 0].sum(1), valid[:, 0, :].sum(1)], 1).tolist()
-        out = valid.new_zeros((*valid.shape, self.vit.embed_dim), dtype=self.vit.pos_embed.dtype)
-        for size in {tuple(s) for s in sizes}:
-            table = resample_abs_pos_embed(self.vit.pos_embed, list(size), old_size=list(grid), num_prefix_tokens=0)
-            images = [i for i, s in enumerate(sizes) if tuple(s) == size]
-            out[images, :size[0], :size[1]] = table.view(*size, -1).to(out.dtype)
-        return out
+        """(B, H, W, C) absolute position embeddings, timm's table resampled to each image's own
+        valid token grid (zero on padding) as timm resamples it, by one batched product with
+        per-size resampling matrices: no Python loop over the images' sizes, so it traces (ONNX)."""
+        grid_h, grid_w = self.vit.patch_embed.grid_size
+        table = self.vit.pos_embed.view(grid_h, grid_w, -1)
+        rows = resampling_matrices(grid_h, valid.shape[1]).to(table)[valid[:, :, 0].sum(1)]  # (B, H, grid_h)
+        columns = resampling_matrices(grid_w, valid.shape[2]).to(table)[valid[:, 0, :].sum(1)]  # (B, W, grid_w)
+        return torch.einsum("byi,ijc,bxj->byxc", rows, table, columns)
 
     def features(self, images: Tensor, mask: Tensor) -> tuple[list[Tensor], dict[int, Tensor]]:
         """The pyramid levels of (B, 3, H, W) ``images`` with padding ``mask`` (True = padding),
