@@ -25,12 +25,18 @@ DEFORMABLE = ["--model", "deformable_detr", "--with_box_refine", "--two_stage", 
               "--msda_backend", "pytorch"]
 
 
-def tiny_checkpoint(path: Path, flags: list[str]) -> Path:
-    """A randomly initialised detector of TINY ``flags`` saved as a detection run saves it."""
-    args = build_parser().parse_args([*TINY, *flags])
+def detector_args(argv: list[str]):
+    """The flags of a detector as a run saves them: parsed, the model's defaults filled in."""
+    args = build_parser().parse_args(argv)
     for key, value in MODEL_DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    return args
+
+
+def tiny_checkpoint(path: Path, flags: list[str]) -> Path:
+    """A randomly initialised detector of TINY ``flags`` saved as a detection run saves it."""
+    args = detector_args([*TINY, *flags])
     torch.manual_seed(0)
     model = build_model(args)[0]
     torch.save({"model": model.state_dict(), "args": vars(args), "categories": CATEGORIES}, path)

@@ -18,8 +18,8 @@ transformers = pytest.importorskip("transformers", reason="Hugging Face conversi
 
 from conftest import SAMPLE_ROOT, load_script  # noqa: E402
 from detr_ssl import Detector  # noqa: E402
-from detr_ssl.config import MODEL_DEFAULTS, build_parser  # noqa: E402
 from detr_ssl.models import build_model  # noqa: E402
+from test_api import detector_args  # noqa: E402
 
 convert_hf = load_script("convert_hf")
 CATEGORIES = {1: "person", 3: "car", 90: "toothbrush"}
@@ -54,10 +54,7 @@ def no_network(monkeypatch):
 def tiny_checkpoint(path: Path, flags: list[str], extra: dict[str, torch.Tensor] | None = None) -> Path:
     """A detector of TINY ``flags`` whose every weight (zero-initialised heads and the frozen
     BatchNorm statistics too) is randomised, so that any misplaced tensor changes the outputs."""
-    args = build_parser().parse_args([*TINY, *flags])
-    for key, value in MODEL_DEFAULTS[args.model].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = detector_args([*TINY, *flags])
     torch.manual_seed(0)
     model = build_model(args)[0]
     with torch.no_grad():

@@ -1,9 +1,10 @@
-"""What only a GPU can show, skipped without CUDA: the detectors give the CPU's outputs on CUDA,
-mixed-precision training runs there (float16 with a GradScaler, bfloat16 without), and the
-training benchmark reports GPU figures. The deformable-attention kernel's own CUDA checks are in
+"""What only a GPU can show, skipped without CUDA: the detectors (ResNet and ViT backbones) give
+the CPU's outputs on CUDA, mixed-precision training runs there (float16 with a GradScaler, bfloat16
+without; MAE pre-training too), and the training benchmark reports GPU figures. The deformable-attention kernel's own CUDA checks are in
 tests/test_ms_deform_attn.py."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -24,6 +25,12 @@ TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", 
 MODELS = {"detr": [], "deformable_detr": ["--model", "deformable_detr", "--num_feature_levels", "3"],
           "deformable_two_stage": ["--model", "deformable_detr", "--num_feature_levels", "3", "--with_box_refine",
                                    "--two_stage"]}
+# a ViT (timm) with windowed attention and per-image position tables on the padded batch of real photos
+VIT = ["--backbone", "vit_tiny_patch16", "--pyramid_channels", "64", "--vit_window_size", "4"]
+needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="ViT backbones need timm")
+OUTPUT_CASES = [*(pytest.param(flags, id=name) for name, flags in MODELS.items()),
+                pytest.param(VIT, id="vit_detr", marks=needs_timm),
+                pytest.param([*VIT, *MODELS["deformable_detr"]], id="vit_deformable_detr", marks=needs_timm)]
 
 
 @pytest.fixture
@@ -35,7 +42,7 @@ def exact_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.mark.parametrize("flags", MODELS.values(), ids=MODELS.keys())
+@pytest.mark.parametrize("flags", OUTPUT_CASES)
 def test_cuda_outputs_equal_the_cpu_outputs(coco_batch, flags, exact_float32):
     samples, _ = coco_batch
     torch.manual_seed(0)
@@ -83,26 +90,6 @@ def test_deterministic_deformable_training_on_cuda_is_refused_before_any_work(tm
                         str(SAMPLE), "--output_dir", str(tmp_path), "--epochs", "1", "--limit_train_batches", "1"]))
     assert not (tmp_path / "checkpoint.pth").exists()
 
-
-VIT = ["--backbone", "vit_tiny_patch16", "--backbone_weights", "none", "--pyramid_channels", "64",
-       "--vit_window_size", "4", "--hidden_dim", "64", "--nheads", "4", "--enc_layers", "1", "--dec_layers", "1",
-       "--dim_feedforward", "128", "--num_queries", "10", "--num_classes", "91"]
-
-
-@pytest.mark.parametrize("flags", [[], MODELS["deformable_detr"]], ids=["detr", "deformable_detr"])
-def test_vit_backbones_give_the_cpu_outputs_on_cuda(coco_batch, flags, exact_float32):
-    """Windowed attention (scaled_dot_product_attention with the padding masked) and the per-image
-    position tables on a padded batch of real photos."""
-    pytest.importorskip("timm")
-    samples, _ = coco_batch
-    torch.manual_seed(0)
-    model, _, _ = build_model(parse_args([*VIT, *flags, "--device", "cpu", "--msda_backend", "auto"]))
-    model.eval()
-    with torch.no_grad():
-        on_cpu = model(samples)
-        on_cuda = model.cuda()(samples.to("cuda"))
-    for key in ("pred_logits", "pred_boxes"):
-        torch.testing.assert_close(on_cuda[key].cpu(), on_cpu[key], rtol=1e-4, atol=1e-4, msg=key)
 
 
 @pytest.mark.parametrize("amp_dtype", [None, "bfloat16", "float16"])
