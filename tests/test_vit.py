@@ -227,3 +227,31 @@ def test_cli_trains_and_evaluates_with_an_encoder_task(tmp_path, model_flags, ta
     log = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(log["train_loss"]) and log["train_loss_ssl"] > 0 and "val_AP" in log
     main([*argv, "--eval", "--resume", str(tmp_path / "checkpoint.pth")])
+
+
+@pytest.mark.parametrize("task, flags, patch", [
+    ("reconstruction", ["--ssl_mode", "pretrain"], 32),
+    ("mim_continuous", ["--vit_detr_stride", "16"], 16),
+    ("mim_discrete", DEFORMABLE, 8),
+    ("jigsaw_continuous", [], 32),
+    ("jigsaw_discrete", [*DEFORMABLE, "--vit_pyramid", "global_blocks"], 8),
+])
+def test_every_encoder_task_trains_the_vit_from_the_level_the_encoder_reads(coco_batch, tmp_path, task, flags, patch):
+    """Each pretext task once on a ViT: its patch is the stride of the level it reads (DETR's
+    --vit_detr_stride, Deformable DETR's stride-8 level), and its loss reaches the ViT's blocks."""
+    from detr_ssl.ssl.tokenizer import fit_kmeans_tokenizer_on_folder
+
+    tokenizer = []
+    if task == "mim_discrete":
+        fit_kmeans_tokenizer_on_folder(SAMPLE / "unlabelled", tmp_path / "tokens.pt", codebook_size=8, patch_size=patch,
+                                       iters=3, image_size=64)
+        tokenizer = ["--tokenizer", str(tmp_path / "tokens.pt")]
+    model, criterion, _ = build_model(parse_args([*TINY_VIT, *flags, "--ssl_task", task, *tokenizer,
+                                                  "--lr_backbone", "1e-5"]))
+    assert model.ssl_head.patch_size == patch
+    samples, targets = coco_batch
+    losses = criterion(model.train()(samples), targets)
+    assert losses["loss_ssl"] > 0 and torch.isfinite(losses["loss_ssl"])
+    losses["loss_ssl"].backward()
+    block = model.backbone[0].body.vit.blocks[0].attn.qkv.weight
+    assert block.grad is not None and block.grad.abs().sum() > 0
