@@ -404,6 +404,20 @@ def test_build_directory_follows_sources_and_cache_root(tmp_path, monkeypatch):
     assert build.build_directory("cpu") != directory
 
 
+@pytest.mark.parametrize("capability, vectorised", [("AVX512", True), ("AVX2", True), ("DEFAULT", False)])
+def test_cpu_kernel_is_built_for_the_vector_units_pytorch_found(monkeypatch, tmp_path, capability, vectorised):
+    """AVX2 + FMA code where PyTorch runs AVX2 / AVX-512 kernels (ATEN_CPU_CAPABILITY included),
+    generic code elsewhere, each build in its own cache directory; the CUDA build never changes."""
+    monkeypatch.setenv("DETR_SSL_CACHE", str(tmp_path))
+    monkeypatch.setattr(build.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(build.torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    generic = build.build_directory("cpu")
+    monkeypatch.setattr(build.torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert ("-mavx2" in build.cflags("cpu") and "-mfma" in build.cflags("cpu")) == vectorised
+    assert (build.build_directory("cpu") != generic) == vectorised
+    assert build.cflags("cuda") == build.CFLAGS
+
+
 def test_check_command(kernels, capsys):
     skip_unless_built("cpu", kernels)
     assert check_main([]) == 0
