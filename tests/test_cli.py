@@ -211,3 +211,8 @@ def test_cli_flags_override_yaml_which_overrides_defaults(tmp_path):
 def test_too_small_num_classes_is_refused(tmp_path, capsys):
     error = cli_error(capsys, [*SMALL, "--output_dir", str(tmp_path), "--num_classes", "10", "--epochs", "1"])
     assert "--num_classes 10 is too small" in error
+
+
+def test_flags_without_a_dataset_say_how_to_run_the_demo_with_them(capsys, tmp_path):
+    error = cli_error(capsys, ["--output_dir", str(tmp_path), "--device", "cpu"])
+    assert "--data_path ROOT" in error and "--config configs/demo.yaml" in error

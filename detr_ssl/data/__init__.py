@@ -41,7 +41,8 @@ def build_dataset(image_set: str, args: argparse.Namespace, views: int = 1,
     if views not in (1, 2):
         raise ValueError(f"views must be 1 or 2, got {views!r}")
     if args.data_path is None:
-        raise ConfigError("no dataset given: pass --data_path ROOT (see data/README.md, section 'Data layouts')")
+        raise ConfigError("no dataset given: pass --data_path ROOT (see data/README.md, section 'Data layouts'); "
+                          "the demo runs with no flags at all, or as --config configs/demo.yaml with yours")
     if views == 2:
         transforms = untransformed
     elif transforms is None:
