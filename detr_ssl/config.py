@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--debug", action="store_true",
         help="show the full traceback of expected errors (bad files, data or flags), which are otherwise one line")
     add("--tensorboard", action=bool_flag, default=True, help="write TensorBoard event files to OUTPUT_DIR/tensorboard")
+    add("--checkpoint_every", type=int, default=1, metavar="N",
+        help="save checkpoint.pth every N epochs and after the last (1: every epoch, official); a stop by signal "
+             "or --max_bad_steps saves one anyway, a crash loses at most the last N - 1 epochs")
     add("--keep_last", type=int, default=2, metavar="K", help="also keep the last K per-epoch checkpoints checkpointNNNN.pth (0: only checkpoint.pth)")
     add("--limit_train_batches", type=int, default=None, metavar="N", help="at most N training batches per epoch (smoke runs, tests)")
     add("--limit_val_batches", type=int, default=None, metavar="N", help="at most N evaluation batches")
@@ -382,7 +385,7 @@ def load_yaml_config(parser: argparse.ArgumentParser, path: str) -> dict[str, An
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject impossible values before any work starts, naming the flag."""
-    positive = ["lr", "batch_size", "epochs", "hidden_dim", "nheads", "num_queries", "dim_feedforward",
+    positive = ["lr", "batch_size", "epochs", "checkpoint_every", "hidden_dim", "nheads", "num_queries", "dim_feedforward",
                 "accum_steps", "min_size", "max_size", "max_dets", "lr_drop", "eval_every", "max_bad_steps"]
     for name in positive:
         if getattr(args, name) <= 0:

@@ -216,3 +216,11 @@ def test_too_small_num_classes_is_refused(tmp_path, capsys):
 def test_flags_without_a_dataset_say_how_to_run_the_demo_with_them(capsys, tmp_path):
     error = cli_error(capsys, ["--output_dir", str(tmp_path), "--device", "cpu"])
     assert "--data_path ROOT" in error and "--config configs/demo.yaml" in error
+
+
+def test_checkpoint_every_saves_every_n_epochs_and_after_the_last(tmp_path):
+    run_cli(tmp_path, "--epochs", "5", "--checkpoint_every", "2", "--keep_last", "5", "--eval_every", "5",
+            "--limit_train_batches", "1")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint0*.pth")) == ["checkpoint0001.pth", "checkpoint0003.pth",
+                                                                       "checkpoint0004.pth"]
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 4

@@ -369,7 +369,7 @@ def train(training: TrainingRun, loader_train, loader_val, validate: Callable[..
                                               device, epoch, args, training.tb, logger, training.scaler, first_batch,
                                               stop, bad_steps, schedule, on_step)
                 end_epoch(training.lr_scheduler)
-                if output_dir:
+                if output_dir and ((epoch + 1) % args.checkpoint_every == 0 or epoch == args.epochs - 1):
                     state = training.checkpoint_state(epoch)  # collective
                     if dist.is_main_process():
                         save_epoch_checkpoint(output_dir, state, args.keep_last)
