@@ -12,6 +12,7 @@
     python scripts/benchmark_train.py --model detr --backbone vit_base_patch16 --ssl_method mae --ssl_mode pretrain \
         --size 224 --batch_size 8                                 # MAE pre-training step of the ViT
     python scripts/benchmark_train.py --model detr --peer hf    # also Hugging Face transformers' DETR, alternating
+    python scripts/benchmark_train.py --model deformable_detr --peer official --official_repo ~/src/Deformable-DETR
     python scripts/benchmark_train.py --model detr --profile    # also print torch.profiler's top ops
 
 Inputs are real sample photos resized to SIZE x SIZE with their real boxes, so the matcher and
@@ -21,11 +22,17 @@ same process, so that the ratio holds even when the machine's speed drifts. ``--
 same with the peer users pick instead: Hugging Face ``transformers``' DetrForObjectDetection /
 DeformableDetrForObjectDetection (timm backbone of the same name, random init, nothing downloaded)
 with its own matcher and loss, on the same batch, with AdamW at ``--lr`` and the same clipping
-(``pip install -e '.[hf]'``; without transformers the script says so and stops).
+(``pip install -e '.[hf]'``; without transformers the script says so and stops). ``--peer official
+--official_repo PATH`` times the official facebookresearch/detr or fundamentalvision/Deformable-DETR
+checkout's model and criterion the same way: imported from PATH with the run-time shims of
+``scripts/compare_official.py`` (its CPU path of deformable attention, ``ms_deform_attn_core_pytorch``),
+built by its own parser from the same flags, its frozen BatchNorm statistics measured on the batch.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -135,6 +142,46 @@ def hf_training_step(args: argparse.Namespace, device: torch.device, samples: Ne
     return step, sum(p.numel() for p in model.parameters())
 
 
+def official_argv(args: argparse.Namespace) -> list[str]:
+    """The official parser's flags for the architecture ``args`` describes."""
+    argv = ["--backbone", args.backbone, "--position_embedding", args.position_embedding, "--lr", str(args.lr),
+            "--num_queries", str(args.num_queries), "--enc_layers", str(args.enc_layers),
+            "--dec_layers", str(args.dec_layers), "--dim_feedforward", str(args.dim_feedforward),
+            "--hidden_dim", str(args.hidden_dim), "--nheads", str(args.nheads), "--dropout", str(args.dropout),
+            "--device", "cpu", *(["--dilation"] if args.dilation else []), *([] if args.aux_loss else ["--no_aux_loss"])]
+    if args.model == "deformable_detr":
+        argv += ["--num_feature_levels", str(args.num_feature_levels), "--enc_n_points", str(args.enc_n_points),
+                 "--dec_n_points", str(args.dec_n_points), *(["--with_box_refine"] if args.with_box_refine else []),
+                 *(["--two_stage"] if args.two_stage else [])]
+    return argv
+
+
+def official_training_step(args: argparse.Namespace, device: torch.device, samples: NestedTensor,
+                           targets: list[dict], repo: Path) -> Step:
+    """The same optimizer step in the official checkout at ``repo``."""
+    spec = importlib.util.spec_from_file_location("compare_official", REPO / "scripts" / "compare_official.py")
+    compare = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up there
+    spec.loader.exec_module(compare)
+    official = compare.import_official(repo, args.model)
+    torch.manual_seed(0)
+    side = compare.build_official(official, args.model, official_argv(args))
+    model, criterion = side.model.to(device).train(), side.criterion.to(device)
+    compare.calibrate_frozen_batchnorm(model, samples.tensors)  # a random backbone needs real statistics
+    batch = importlib.import_module("util.misc").NestedTensor(samples.tensors, samples.mask)  # the official class
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+
+    def step() -> None:
+        losses = criterion(model(batch), targets)
+        loss = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
+        optimizer.step()
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
 def without_self_supervision(args: argparse.Namespace) -> argparse.Namespace:
     """The same detector and precision with no pretext task and no method: the plain detection step,
     whose backbone trains and whose matcher weighs classes as the model's defaults say unless the
@@ -192,9 +239,12 @@ def main(argv: list[str] | None = None) -> None:
                        help="after timing, profile 2 more steps and print the ops by self CPU time to stderr")
     bench.add_argument("--overhead", action="store_true",
                        help="also time the step without --ssl_task/--query_patches, alternating, and print the ratio")
-    bench.add_argument("--peer", choices=["hf"], default=None,
-                       help="also time Hugging Face transformers' detector of the same architecture, alternating, "
-                            "and print our step / theirs")
+    bench.add_argument("--peer", choices=["hf", "official"], default=None,
+                       help="also time the same architecture in Hugging Face transformers (hf) or in the official "
+                            "checkout at --official_repo (official), alternating, and print our step / theirs")
+    bench.add_argument("--official_repo", type=Path, default=None,
+                       help="with --peer official: a checkout of facebookresearch/detr (--model detr) or "
+                            "fundamentalvision/Deformable-DETR (--model deformable_detr)")
     opts, extra = bench.parse_known_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -212,8 +262,12 @@ def main(argv: list[str] | None = None) -> None:
     others = {}  # steps timed alternately with ours: the plain detection step, the peer's
     if opts.overhead:
         others["plain"], _ = training_step(without_self_supervision(args), device, samples, targets)
-    if opts.peer:
+    if opts.peer == "hf":
         others["peer"], peer_parameters = hf_training_step(args, device, samples, targets)
+    elif opts.peer == "official":
+        if opts.official_repo is None:
+            bench.error("--peer official needs --official_repo PATH (an official DETR / Deformable DETR checkout)")
+        others["peer"], peer_parameters = official_training_step(args, device, samples, targets, opts.official_repo)
 
     def synchronize() -> None:
         if device.type == "cuda":

@@ -3,6 +3,10 @@ asserted, only that each figure is there and consistent)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +55,25 @@ def test_benchmark_train_times_the_hugging_face_peer_of_the_same_size(capsys, fl
     result = printed_json(capsys)
     assert result["ours_over_peer"] == pytest.approx(result["s_per_it"] / result["peer_s_per_it"], abs=2e-3)
     assert result["peer_parameters"] == result["parameters"]  # the same architecture, timed alike
+
+
+OFFICIAL_REPOS = {"detr": "DETR_SSL_OFFICIAL_DETR", "deformable_detr": "DETR_SSL_OFFICIAL_DEFORMABLE_DETR"}
+
+
+@pytest.mark.parametrize("model", sorted(OFFICIAL_REPOS))
+def test_benchmark_train_times_the_official_model_of_the_same_size(model):
+    repo = os.environ.get(OFFICIAL_REPOS[model])
+    if not repo:
+        pytest.skip(f"set {OFFICIAL_REPOS[model]}=PATH to an official checkout to time it")
+    flags = ["--model", model, *(["--msda_backend", "pytorch", "--backbone", "resnet50"] if model != "detr" else [])]
+    # its own process: official repos all name their packages `models` and `util`, one per process
+    script = Path(benchmark_train.__file__)
+    done = subprocess.run([sys.executable, str(script), *TINY_TRAIN, "--peer", "official", "--official_repo", repo,
+                           *flags, "--dec_layers", "2"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["peer"] == "official" and result["peer_parameters"] == result["parameters"]
+    assert result["ours_over_peer"] == pytest.approx(result["s_per_it"] / result["peer_s_per_it"], abs=2e-3)
 
 
 def test_benchmark_matcher_checks_both_implementations_agree(capsys):
