@@ -1,4 +1,5 @@
-"""A Python API over a trained checkpoint: ``Detector.from_checkpoint(path).predict(images)``.
+"""A Python API over a trained checkpoint: ``Detector.from_checkpoint(path).predict(images)``, or
+over its ONNX export: ``Detector.from_onnx(path)`` (onnxruntime, no torch model).
 
 It is the inference of ``scripts/predict.py`` (:mod:`detr_ssl.engine.predict`) without files to
 write: the same checkpoint loading, evaluation transforms, post-processing and, with
@@ -15,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch import Tensor, nn
+from torch import Tensor
 
 from detr_ssl.data.tiling import Window, merge_window_detections
-from detr_ssl.engine.predict import SlidingWindowPredictor, TorchDetect, category_names, load_detector
+from detr_ssl.engine.predict import Detect, SlidingWindowPredictor, TorchDetect, category_names, load_detector
 from detr_ssl.utils.errors import DataError, MissingFileError
 from detr_ssl.utils.logging import LOGGER_NAME
 
@@ -72,12 +73,14 @@ def _open(path: Path) -> Image.Image:
 
 
 class Detector:
-    """A trained detector on images of any size; build it with :meth:`from_checkpoint`."""
+    """A trained detector on images of any size; build it with :meth:`from_checkpoint` or
+    :meth:`from_onnx`. ``detect`` runs prepared inputs (PyTorch or onnxruntime), ``min_size`` /
+    ``max_size`` are the evaluation sizes the inputs are prepared at."""
 
-    def __init__(self, model: nn.Module, postprocess: nn.Module, args, names: dict[int, str],
-                 batch_size: int = 4) -> None:
-        self.model, self.postprocess, self.args = model, postprocess, args
-        self.names, self.batch_size = names, batch_size
+    def __init__(self, detect: Detect, min_size: int, max_size: int, names: dict[int, str],
+                 device: torch.device, batch_size: int = 4) -> None:
+        self.detect, self.min_size, self.max_size = detect, min_size, max_size
+        self.names, self.device, self.batch_size = names, device, batch_size
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", batch_size: int = 4) -> Detector:
@@ -87,11 +90,19 @@ class Detector:
         if not Path(path).is_file():
             raise MissingFileError(f"checkpoint {path}: no such file")
         model, postprocess, args, saved = load_detector(path, device, logging.getLogger(LOGGER_NAME))
-        return cls(model, postprocess, args, category_names(args, saved=saved), batch_size)
+        return cls(TorchDetect(model, postprocess), args.min_size, args.max_size, category_names(args, saved=saved),
+                   next(model.parameters()).device, batch_size)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    @classmethod
+    def from_onnx(cls, path: str | Path, batch_size: int = 4) -> Detector:
+        """The detector of a graph written by ``scripts/export_onnx.py``, on onnxruntime's CPU
+        provider (``pip install -e '.[export]'``): sizes and class names come from the graph's
+        metadata; a fixed-size graph gets each input padded into its size."""
+        from detr_ssl.engine.onnx_runtime import OnnxDetect  # onnxruntime is an optional extra
+
+        detect = OnnxDetect(path)
+        info = detect.info
+        return cls(detect, info.min_size, info.max_size, info.categories, torch.device("cpu"), batch_size)
 
     def predict(self, images: ImageInput | Sequence[ImageInput], score_threshold: float = 0.0, tile: bool = False,
                 window: int = 800, overlap: int = 200, nms_iou: float = 0.5) -> Detections | list[Detections]:
@@ -101,9 +112,8 @@ class Detector:
         without, each image is run whole, at the checkpoint's ``--min_size``/``--max_size``."""
         single = not isinstance(images, (list, tuple))
         pictures = [to_pil(image) for image in ([images] if single else images)]
-        predictor = SlidingWindowPredictor(TorchDetect(self.model, self.postprocess), self.args.min_size,
-                                           self.args.max_size, window if tile else 0, overlap, self.batch_size,
-                                           score_threshold, nms_iou)
+        predictor = SlidingWindowPredictor(self.detect, self.min_size, self.max_size, window if tile else 0, overlap,
+                                           self.batch_size, score_threshold, nms_iou)
         found = [predictor(picture) for picture in pictures] if tile else self._whole(predictor, pictures)
         results = [self._named(detections) for detections in found]
         return results[0] if single else results

@@ -179,3 +179,21 @@ def test_predict_with_onnx_errors_name_what_to_do(checkpoints, tmp_path, capsys,
     assert "no 'detr_ssl' metadata; export the checkpoint with scripts/export_onnx.py" in fails("bare", bare)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     assert "pip install -e '.[export]'" in fails("no_runtime")
+
+
+def test_detector_from_onnx_gives_the_checkpoints_detections(checkpoints, tmp_path, capsys):
+    """The Python API over a dynamic DETR graph: same boxes, scores, labels and class names as over
+    the checkpoint, whole images and tiled."""
+    from detr_ssl import Detector
+
+    graph = tmp_path / "model.onnx"
+    assert export(capsys, checkpoints["detr"], graph, "--dynamic")[0] == 0
+    images = sample_images()[:3]
+    for tile in (False, True):
+        found = Detector.from_onnx(graph).predict(images, tile=tile, window=96, overlap=32)
+        expected = Detector.from_checkpoint(checkpoints["detr"]).predict(images, tile=tile, window=96, overlap=32)
+        for ours, theirs in zip(found, expected):
+            assert torch.equal(ours.labels, theirs.labels) and ours.names == theirs.names
+            torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-4, rtol=0)
+            torch.testing.assert_close(ours.boxes, theirs.boxes, atol=0.05, rtol=0)
+    assert set(Detector.from_onnx(graph).names.values()) == set(CATEGORIES.values())
