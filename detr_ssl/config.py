@@ -72,6 +72,8 @@ def parse_area_ranges(text: str) -> list[tuple[str, float, float]]:
     return ranges
 
 
+OFFICIAL_NUM_WORKERS = 2
+
 # Official per-model defaults (DETR main.py), applied where the user gave no value.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "detr": {
@@ -137,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--start_epoch", type=int, default=0, metavar="N", help="first epoch number (overridden by --resume)")
     add("--eval", action="store_true", help="only evaluate (usually with --resume)")
     add("--eval_every", type=int, default=1, metavar="N", help="evaluate every N epochs during training (always after the last)")
-    add("--num_workers", type=int, default=2, help="data-loading worker processes per training process")
+    add("--num_workers", type=int, default=None,
+        help="data-loading worker processes per training process; default: 2 (official) where the machine has more "
+             "than 2 cores, 0 on 2 cores or fewer, where workers slow training down (they compete with the step's "
+             "threads: docs/benchmarks.md)")
     add("--deterministic", action="store_true", help="bit-reproducible CPU runs (deterministic algorithms, seeded workers)")
     add("--debug", action="store_true",
         help="show the full traceback of expected errors (bad files, data or flags), which are otherwise one line")
@@ -548,6 +553,18 @@ def _validate_label_budget(parser: argparse.ArgumentParser, args: argparse.Names
                      "no labels (pre-training uses every image)")
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_num_workers() -> int:
+    """The official 2 data-loading workers where cores are left for them, none on 2 cores or fewer:
+    there the workers' decoding competes with the step's OpenMP threads (DETR-R50 on 2 cores: 4
+    epochs in 74.5 s with 2 workers, 56.4 s with none; docs/benchmarks.md)."""
+    return OFFICIAL_NUM_WORKERS if available_cores() > 2 else 0
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse ``argv`` (default: ``sys.argv[1:]``) into a validated, fully resolved namespace.
 
@@ -571,6 +588,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.ssl_method != "none":
         METHODS[args.ssl_method].configure(args, given)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
     args.data_path = args.data_path or args.coco_path
     args.coco_path = args.data_path
     _validate(parser, args)

@@ -224,3 +224,12 @@ def test_checkpoint_every_saves_every_n_epochs_and_after_the_last(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint0*.pth")) == ["checkpoint0001.pth", "checkpoint0003.pth",
                                                                        "checkpoint0004.pth"]
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 4
+
+
+@pytest.mark.parametrize("cores, workers", [(1, 0), (2, 0), (3, 2), (16, 2)])
+def test_data_workers_default_to_none_on_two_cores_and_to_the_official_two_beyond(monkeypatch, cores, workers):
+    from detr_ssl import config
+
+    monkeypatch.setattr(config, "available_cores", lambda: cores)
+    assert config.parse_args(["--data_path", str(SAMPLE)]).num_workers == workers
+    assert config.parse_args(["--data_path", str(SAMPLE), "--num_workers", "1"]).num_workers == 1
