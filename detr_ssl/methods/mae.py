@@ -82,17 +82,14 @@ def initialise_like_mae(vit: nn.Module) -> None:
     _xavier_linear_layers(vit.blocks)
 
 
-def encode_visible(vit: nn.Module, images: Tensor, visible: Tensor) -> Tensor:
-    """The timm ViT's tokens of the ``visible`` (B, L) patches of unpadded ``images``: patch
-    embedding and position table on the whole grid, then the blocks on the visible tokens only
-    (the same number in every image): (B, V, C)."""
-    from timm.layers import resample_abs_pos_embed
-
+def encode_visible(body: nn.Module, images: Tensor, visible: Tensor) -> Tensor:
+    """The backbone ViT's tokens of the ``visible`` (B, L) patches of unpadded ``images``: patch
+    embedding and the body's own position table (resampled to the grid as at detection) on the
+    whole grid, then the blocks on the visible tokens only (the same number in every image): (B, V, C)."""
+    vit = body.vit
     tokens = vit.patch_embed(images)  # (B, h, w, C): timm's NHWC output with dynamic_img_size
-    grid = list(tokens.shape[1:3])
-    table = resample_abs_pos_embed(vit.pos_embed, grid, old_size=list(vit.patch_embed.grid_size),
-                                   num_prefix_tokens=0)
-    tokens = vit.pos_drop(tokens.flatten(1, 2) + table.to(tokens.dtype))
+    table = body.position_embedding(torch.ones(tokens.shape[:3], dtype=torch.bool, device=tokens.device))
+    tokens = vit.pos_drop((tokens + table.to(tokens.dtype)).flatten(1, 2))
     x = vit.norm_pre(tokens[visible].view(tokens.shape[0], -1, tokens.shape[-1]))
     for block in vit.blocks:
         x = block(x)
@@ -231,7 +228,7 @@ class MAE(DetectorMethod):
         generator = None if detector.training else torch.Generator().manual_seed(EVAL_MASK_SEED)
         masked = select_tokens(eligible, selection_counts(eligible, self.args.ssl_ratio), generator)
         flat = masked.flatten(1)
-        visible = encode_visible(detector.backbone[0].body.vit, images, ~flat)
+        visible = encode_visible(detector.backbone[0].body, images, ~flat)
         prediction = detector.mae_decoder(visible, flat, grid)
         outputs = {"mae_outputs": {"prediction": prediction, "masked": masked, "images": images}}
         return DetectorPass(outputs=outputs, levels=[], decoded=None, extra=None, features=([], []))
