@@ -14,6 +14,7 @@
     python scripts/benchmark_train.py --model detr --peer hf    # also Hugging Face transformers' DETR, alternating
     python scripts/benchmark_train.py --model deformable_detr --peer official --official_repo ~/src/Deformable-DETR
     python scripts/benchmark_train.py --model detr --profile    # also print torch.profiler's top ops
+    python scripts/benchmark_train.py --model deformable_detr --without dropout_kernel   # ... / F.dropout step
 
 Inputs are real sample photos resized to SIZE x SIZE with their real boxes, so the matcher and
 losses do real work. Timing excludes data loading. ``--overhead`` also builds the same detector
@@ -27,6 +28,9 @@ with its own matcher and loss, on the same batch, with AdamW at ``--lr`` and the
 checkout's model and criterion the same way: imported from PATH with the run-time shims of
 ``scripts/compare_official.py`` (its CPU path of deformable attention, ``ms_deform_attn_core_pytorch``),
 built by its own parser from the same flags, its frozen BatchNorm statistics measured on the batch.
+``--without LEVER`` times the same step, on the same model, with one of the package's speed levers
+switched off, alternately: ``dropout_kernel`` (``F.dropout`` instead of the CPU dropout kernel of
+``detr_ssl.ops.seeded_dropout``).
 """
 from __future__ import annotations
 
@@ -56,6 +60,7 @@ from detr_ssl.engine.optim import build_optimizer  # noqa: E402
 from detr_ssl.engine.train import weighted_loss  # noqa: E402
 from detr_ssl.methods import METHODS  # noqa: E402
 from detr_ssl.models import build_model  # noqa: E402
+from detr_ssl.ops import seeded_dropout  # noqa: E402
 from detr_ssl.utils.machine import cpu_name  # noqa: E402
 from detr_ssl.utils.misc import NestedTensor  # noqa: E402
 
@@ -207,6 +212,22 @@ def pseudo_box_batch(samples: NestedTensor, targets: list[dict], views: int) -> 
     return both, [{**t, "view": 0} for t in pseudo] + [{**t, "view": 1} for t in mirrored]
 
 
+LEVERS: dict[str, Callable[[bool], None]] = {"dropout_kernel": seeded_dropout.set_kernel_enabled}
+
+
+def without_lever(step: Callable[[], None], lever: str) -> Callable[[], None]:
+    """``step`` with the speed lever ``lever`` switched off while it runs."""
+    switch = LEVERS[lever]
+
+    def run() -> None:
+        switch(False)
+        try:
+            step()
+        finally:
+            switch(True)
+    return run
+
+
 def timed(step: Callable[[], None], synchronize: Callable[[], None]) -> float:
     start = time.perf_counter()
     step()
@@ -245,6 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--official_repo", type=Path, default=None,
                        help="with --peer official: a checkout of facebookresearch/detr (--model detr) or "
                             "fundamentalvision/Deformable-DETR (--model deformable_detr)")
+    bench.add_argument("--without", choices=sorted(LEVERS), default=None,
+                       help="also time the same step with this speed lever off, alternating, and print "
+                            "our step / that step (dropout_kernel: F.dropout instead of the CPU dropout kernel)")
     opts, extra = bench.parse_known_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -262,6 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     others = {}  # steps timed alternately with ours: the plain detection step, the peer's
     if opts.overhead:
         others["plain"], _ = training_step(without_self_supervision(args), device, samples, targets)
+    if opts.without:
+        others["without"] = without_lever(step, opts.without)
     if opts.peer == "hf":
         others["peer"], peer_parameters = hf_training_step(args, device, samples, targets)
     elif opts.peer == "official":
@@ -298,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         "peak_memory_mb": round(peak / 2**20, 1), "iters": opts.iters,
         **({"plain_s_per_it": round(other_seconds["plain"], 4),
             "overhead": round(seconds / other_seconds["plain"], 3)} if "plain" in others else {}),
+        **({"without": opts.without, "without_s_per_it": round(other_seconds["without"], 4),
+            "lever_ratio": round(seconds / other_seconds["without"], 3)} if "without" in others else {}),
         "parameters": parameters,
         **({"peer": opts.peer, "peer_s_per_it": round(other_seconds["peer"], 4), "peer_parameters": peer_parameters,
             "ours_over_peer": round(seconds / other_seconds["peer"], 3)} if "peer" in others else {}),

@@ -47,6 +47,14 @@ def test_benchmark_train_overhead_compares_with_the_plain_step(capsys, flags):
                                     else "none")
 
 
+def test_benchmark_train_times_the_step_without_a_lever_and_switches_it_back_on(capsys):
+    seeded = sys.modules["detr_ssl.ops.seeded_dropout"]
+    benchmark_train.main([*TINY_TRAIN, "--without", "dropout_kernel"])
+    result = printed_json(capsys)
+    assert result["without"] == "dropout_kernel" and seeded._use_kernel
+    assert result["lever_ratio"] == pytest.approx(result["s_per_it"] / result["without_s_per_it"], abs=2e-3)
+
+
 @pytest.mark.parametrize("flags", [[], ["--model", "deformable_detr", "--msda_backend", "pytorch",
                                         "--num_feature_levels", "3"]], ids=["detr", "deformable_detr"])
 def test_benchmark_train_times_the_hugging_face_peer_of_the_same_size(capsys, flags):

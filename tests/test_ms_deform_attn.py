@@ -296,7 +296,7 @@ def test_build_failure_is_remembered(monkeypatch):
 
     def broken_build(kind, verbose):
         attempts.append(kind)
-        raise RuntimeError("Error building extension 'detr_ssl_ms_deform_attn_cpu'")
+        raise RuntimeError("Error building extension 'detr_ssl_kernels_cpu'")
 
     monkeypatch.setattr(build, "_loaded", {})
     monkeypatch.setattr(build, "_build", broken_build)

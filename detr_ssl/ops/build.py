@@ -1,4 +1,7 @@
-"""Just-in-time builds of the ms_deform_attn kernels, cached on disk.
+"""Just-in-time builds of the compiled kernels, cached on disk.
+
+Two extensions: "cpu" (ms_deform_attn's CPU kernel and the CPU kernel of :mod:`.seeded_dropout`) and
+"cuda" (ms_deform_attn's CUDA kernel).
 
 Nothing is compiled at import time: :func:`load_extension` builds a kernel the first time it
 is needed, with ``torch.utils.cpp_extension.load``, into a directory named after the torch
@@ -31,10 +34,11 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = {
-    "cpu": ["cpu/ms_deform_attn_cpu.cpp", "binding.cpp"],
+    "cpu": ["cpu/ms_deform_attn_cpu.cpp", "cpu/dropout_cpu.cpp", "binding.cpp"],
     "cuda": ["cuda/ms_deform_attn_cuda.cu", "binding.cpp"],
 }
 CFLAGS = ["-O3", "-fopenmp"]
+CPU_DEFINES = ["-DDETR_SSL_CPU_KERNELS"]  # binding.cpp: the CPU-only kernels
 # Where PyTorch itself runs its AVX2 or AVX-512 kernels (so the CPU has AVX2 and FMA), the CPU kernel's
 # channel loops are compiled 8 wide with fused multiply-adds: forward + backward 1.2-1.3x faster than
 # the generic x86-64 build; AVX-512 code (-march=x86-64-v4) gained nothing more (docs/benchmarks.md).
@@ -91,9 +95,11 @@ def nvcc_toolkit() -> Path | None:
 def cflags(kind: str) -> list[str]:
     """The host compiler's flags: the vector units PyTorch found on this CPU for the CPU kernel
     (``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 machine gives the AVX2 build, as for PyTorch's own kernels)."""
-    if kind != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+    if kind != "cpu":
         return CFLAGS
-    return CFLAGS + VECTOR_CFLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return CFLAGS + CPU_DEFINES
+    return CFLAGS + CPU_DEFINES + VECTOR_CFLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
 
 
 def build_directory(kind: str) -> Path:
@@ -124,7 +130,7 @@ def load_extension(kind: str, verbose: bool = False) -> ModuleType:
             summary = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             if len(summary) > 100:  # cpp_extension's message goes on with the compiler's command line
                 summary = summary[:100] + "..."
-            error = ExtensionBuildError(f"could not build the {kind} kernel of ms_deform_attn ({summary}); "
+            error = ExtensionBuildError(f"could not build the {kind} kernels of detr_ssl ({summary}); "
                                         f"`python -m detr_ssl.ops.build --{kind}` shows the compiler's output")
             error.__cause__ = err
             _loaded[kind] = error
@@ -138,12 +144,12 @@ def _build(kind: str, verbose: bool) -> ModuleType:
     directory = build_directory(kind)
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob("*.so")):
-        logger.info("ms_deform_attn: compiling the %s kernel (first use, about a minute; cached in %s)", kind, directory)
+        logger.info("detr_ssl: compiling the %s kernels (first use, under a minute; cached in %s)", kind, directory)
     cpp_extension = _import_cpp_extension()
     if kind == "cuda":
         _find_cuda_toolkit(cpp_extension)
     return cpp_extension.load(
-        name=f"detr_ssl_ms_deform_attn_{kind}",
+        name=f"detr_ssl_kernels_{kind}",
         sources=[str(CSRC / source) for source in SOURCES[kind]],
         extra_cflags=cflags(kind),
         extra_cuda_cflags=CUDA_CFLAGS if kind == "cuda" else None,

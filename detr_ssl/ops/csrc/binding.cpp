@@ -1,10 +1,16 @@
-// Python binding of whichever kernel (CPU or CUDA) this extension is built with.
+// Python binding of whichever kernels (CPU or CUDA) this extension is built with.
 #include <torch/extension.h>
 
 #include "ms_deform_attn.h"
+#ifdef DETR_SSL_CPU_KERNELS
+#include "dropout.h"
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("forward", &detr_ssl::ms_deform_attn_forward, "multi-scale deformable attention, forward");
   module.def("backward", &detr_ssl::ms_deform_attn_backward,
              "multi-scale deformable attention, backward: (grad_value, grad_locations, grad_weights)");
+#ifdef DETR_SSL_CPU_KERNELS
+  module.def("seeded_dropout", &detr_ssl::seeded_dropout, "dropout with the mask a hash of (seed, index)");
+#endif
 }
