@@ -208,3 +208,62 @@ def test_models_train_through_it_with_their_keys_unchanged(kernel, drawn, coco_b
     sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses).backward()
     assert len(drawn) >= len(dropouts)  # each layer's dropouts ran the kernel (the decoder's once per layer)
     assert all(p.grad is not None for n, p in net.transformer.named_parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("masks", ["none", "key_padding", "bool_attn_mask", "float_per_head_mask"])
+def test_attention_path_computes_what_multihead_attention_does(kernel, monkeypatch, masks):
+    """Our attention path, its dropout made the identity, against nn.MultiheadAttention's own forward
+    without dropout: outputs and gradients of inputs and parameters, with each kind of mask."""
+    from detr_ssl.models.transformer import MultiheadAttention
+
+    torch.manual_seed(0)
+    batch, queries, keys, width, heads = 2, 7, 11, 32, 4
+    ours = MultiheadAttention(width, heads, dropout=0.1, batch_first=True).double().train()
+    query, key = torch.randn(batch, queries, width, dtype=torch.float64), torch.randn(batch, keys, width,
+                                                                                  dtype=torch.float64)
+    value = torch.randn(batch, keys, width, dtype=torch.float64)
+    kwargs = {}
+    if masks == "key_padding":
+        kwargs["key_padding_mask"] = torch.zeros(batch, keys, dtype=torch.bool)
+        kwargs["key_padding_mask"][0, -3:] = True
+    elif masks == "bool_attn_mask":
+        kwargs["attn_mask"] = torch.rand(queries, keys) < 0.3
+        kwargs["attn_mask"][:, 0] = False  # every query attends somewhere
+    elif masks == "float_per_head_mask":
+        kwargs["attn_mask"] = torch.randn(batch * heads, queries, keys, dtype=torch.float64)
+
+    def run(module_forward):
+        inputs = [t.clone().requires_grad_() for t in (query, key, value)]
+        ours.zero_grad()
+        out = module_forward(*inputs)
+        out.square().sum().backward()
+        return out, [t.grad for t in inputs] + [p.grad.clone() for p in ours.parameters()]
+
+    identity_calls = []
+    monkeypatch.setattr(seeded, "dropout", lambda x, p, training: identity_calls.append(p) or x)
+    mine, mine_grads = run(lambda q, k, v: ours(q, k, v, need_weights=False, **kwargs)[0])
+    assert identity_calls == [0.1]  # our path ran, with the module's dropout
+    ours.eval()
+    reference, reference_grads = run(lambda q, k, v: nn.MultiheadAttention.forward(ours, q, k, v, need_weights=False,
+                                                                                    **kwargs)[0])
+    assert torch.allclose(mine, reference, atol=1e-12)
+    for a, b in zip(mine_grads, reference_grads):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_attention_is_the_parents_where_the_kernel_does_not_apply(kernel, drawn):
+    from detr_ssl.models.transformer import MultiheadAttention
+
+    attention = MultiheadAttention(16, 2, dropout=0.1, batch_first=True)
+    x = torch.randn(1, 5, 16)
+    _, weights = attention(x, x, x)  # need_weights: the parent's path
+    assert weights is not None and drawn == []
+    attention.eval()
+    attention(x, x, x, need_weights=False)
+    assert drawn == []
+    attention.train()
+    attention(x, x, x, need_weights=False)
+    assert drawn == [(1, 2, 5, 5)]

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..ops import Dropout, ms_deform_attn
 from ..utils.box_ops import inverse_sigmoid
-from .transformer import FeedForwardMixin, clone_layers, with_pos_embed
+from .transformer import FeedForwardMixin, MultiheadAttention, clone_layers, with_pos_embed
 
 
 class MSDeformAttn(nn.Module):
@@ -107,7 +107,7 @@ class DeformableDecoderLayer(FeedForwardMixin, nn.Module):
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
         self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self._init_ffn(d_model, d_ffn, dropout, activation)

@@ -3,7 +3,8 @@
 Parameter names equal the official DETR ones (``self_attn``, ``multihead_attn``, ``linear1``,
 ``linear2``, ``norm1``...), so official checkpoints load strictly. Tensors are batch-first
 (B, L, C); attention runs through ``nn.MultiheadAttention`` with ``need_weights=False``, which
-dispatches to ``scaled_dot_product_attention`` instead of materialising averaged weights.
+dispatches to ``scaled_dot_product_attention`` instead of materialising averaged weights (in CPU
+training, our subclass computes it with a cheaper dropout).
 The encoder and decoder are exposed separately because the SSL tasks use the encoder alone.
 """
 from __future__ import annotations
@@ -14,9 +15,57 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import Dropout
+from ..ops import Dropout, seeded_dropout
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` (same parameters and keys) whose attention-weight dropout, in CPU
+    training, is :mod:`detr_ssl.ops.seeded_dropout`'s: ``scaled_dot_product_attention`` with dropout
+    draws its masks with ``bernoulli_`` (4 % of a DETR-R50 CPU step). Everywhere else, and when the
+    attention weights are asked for, it is the parent's forward."""
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        if (need_weights or is_causal or not self.batch_first or not self._qkv_same_embed_dim or self.in_proj_bias is None
+                or self.bias_k is not None or self.add_zero_attn
+                or not seeded_dropout.applies(query, self.dropout, self.training)):
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return self._attend_with_seeded_dropout(query, key, value, key_padding_mask, attn_mask), None
+
+    def _attend_with_seeded_dropout(self, query: Tensor, key: Tensor, value: Tensor,
+                                    key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> Tensor:
+        """softmax(q k^T / sqrt(d) + masks), dropped out, times v: the computation of the parent's
+        forward, batch-first, with boolean masks (True = not attended) or additive float ones."""
+        batch, queries, width = query.shape
+        heads = self.num_heads
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+
+        def split_heads(x: Tensor) -> Tensor:
+            return x.unflatten(-1, (heads, width // heads)).transpose(1, 2)  # (B, heads, L, d)
+
+        q, k, v = split_heads(F.linear(query, w_q, b_q)), split_heads(F.linear(key, w_k, b_k)), \
+            split_heads(F.linear(value, w_v, b_v))
+        scores = (q * (width // heads) ** -0.5) @ k.transpose(-2, -1)
+        if attn_mask is not None:
+            mask = attn_mask if attn_mask.dim() == 2 else attn_mask.view(batch, heads, *attn_mask.shape[-2:])
+            scores = scores + _additive_mask(mask, scores.dtype)
+        if key_padding_mask is not None:
+            scores = scores + _additive_mask(key_padding_mask, scores.dtype)[:, None, None, :]
+        weights = seeded_dropout.dropout(scores.softmax(-1), self.dropout, self.training)
+        attended = (weights @ v).transpose(1, 2).flatten(2)
+        return F.linear(attended, self.out_proj.weight, self.out_proj.bias)
+
+
+def _additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (True = masked) as 0 / -inf, a float mask as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
 
 
 def with_pos_embed(tensor: Tensor, pos: Tensor | None) -> Tensor:
@@ -46,7 +95,7 @@ class TransformerEncoderLayer(FeedForwardMixin, nn.Module):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation: str = "relu", normalize_before: bool = False):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self._init_ffn(d_model, dim_feedforward, dropout, activation)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
@@ -70,8 +119,8 @@ class TransformerDecoderLayer(FeedForwardMixin, nn.Module):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation: str = "relu", normalize_before: bool = False):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self._init_ffn(d_model, dim_feedforward, dropout, activation)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)

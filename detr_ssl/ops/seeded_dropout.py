@@ -34,15 +34,20 @@ def set_kernel_enabled(enabled: bool) -> None:
     _use_kernel = enabled
 
 
+def applies(input: Tensor, p: float, training: bool = True, inplace: bool = False) -> bool:
+    """Whether :func:`dropout` with these arguments runs the CPU kernel (builds it on first use)."""
+    if not (training and 0.0 < p < 1.0 and not inplace and input.device.type == "cpu" and input.numel()
+            and input.is_floating_point() and _use_kernel) or _tracing():
+        return False
+    return _cpu_kernel() is not None
+
+
 def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
     """``F.dropout`` with the same arguments and distribution; see the module docstring for when the
     CPU kernel computes it."""
-    if not (training and 0.0 < p < 1.0 and not inplace and input.device.type == "cpu" and input.numel()
-            and input.is_floating_point() and _use_kernel) or _tracing():
+    if not applies(input, p, training, inplace):
         return F.dropout(input, p, training, inplace)
     kernel = _cpu_kernel()
-    if kernel is None:
-        return F.dropout(input, p, training, inplace)
     seed = int(torch.randint(_SEED_RANGE, ()).item())
     return _SeededDropout.apply(input, kernel, float(p), seed)
 
