@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import io
 import json
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from detr_ssl.engine.coco_backend import BACKENDS, coco_evaluator  # noqa: E402
-from detr_ssl.utils.machine import cpu_name  # noqa: E402
+from detr_ssl.utils.machine import machine_info  # noqa: E402
 
 SIZE, NUM_CATEGORIES = 1024, 15
 
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({
         "benchmark": "coco_eval_bbox", "images": opts.images, "gt_per_image": opts.boxes, "dets_per_image": opts.dets,
         "max_dets": [1, 10, opts.dets], "repeats": opts.repeats, "backends": report,
-        "machine": {"cpu": cpu_name(), "platform": platform.platform()},
+        "machine": machine_info(gpu=False),
     }, indent=1))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from detr_ssl.models.matcher import HungarianMatcher  # noqa: E402
 from detr_ssl.utils.box_ops import cxcywh_to_xyxy  # noqa: E402
-from detr_ssl.utils.machine import cpu_name  # noqa: E402
+from detr_ssl.utils.machine import machine_info  # noqa: E402
 
 COSTS = (1.0, 5.0, 2.0)  # official class / L1 / GIoU weights
 
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                bench_shape(opts.batch_size, 300, opts.targets, True, opts)]
     print(json.dumps({
         "benchmark": "hungarian_matcher", "results": results, "iters": opts.iters,
-        "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "platform": platform.platform()},
+        "machine": machine_info(),
         "torch": torch.__version__,
     }, indent=1))
 

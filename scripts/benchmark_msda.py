@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from detr_ssl.ops import available_backends, ms_deform_attn  # noqa: E402
-from detr_ssl.utils.machine import cpu_name  # noqa: E402
+from detr_ssl.utils.machine import machine_info  # noqa: E402
 
 SHAPES = ((64, 64), (32, 32), (16, 16), (8, 8))
 
@@ -105,13 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         r["speedup_forward_backward"] = round(base["forward_backward_s"] / r["forward_backward_s"], 2)
 
     report = {
-        "machine": {
-            "cpu": cpu_name(),
-            "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        "machine": {**machine_info(), "torch": torch.__version__, "python": platform.python_version()},
         "shapes": {"batch": opts.batch_size, "levels": [list(s) for s in SHAPES],
                    "queries": sum(h * w for h, w in SHAPES), "heads": opts.heads, "channels": opts.channels,
                    "points": opts.points},

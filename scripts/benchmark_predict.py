@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from detr_ssl.engine.predict import SlidingWindowPredictor, TorchDetect, load_de
 from detr_ssl.models import build_model  # noqa: E402
 from detr_ssl.ops.ms_deform_attn import available_backends, set_default_backend  # noqa: E402
 from detr_ssl.utils.image import image_files  # noqa: E402
-from detr_ssl.utils.machine import cpu_name  # noqa: E402
+from detr_ssl.utils.machine import machine_info  # noqa: E402
 
 LOGGER = logging.getLogger("benchmark_predict")
 
@@ -122,10 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "predict_torch_vs_onnxruntime", "images": opts.images, "window": "whole image",
         "command": " ".join(["python", "scripts/benchmark_predict.py", *(argv if argv is not None else sys.argv[1:])]),
         "models": report,
-        "machine": {"cpu": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
-                    "platform": platform.platform(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(),
-                    "onnxruntime": onnxruntime.__version__},
+        "machine": {**machine_info(gpu=False), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
     }, indent=1))
 
 

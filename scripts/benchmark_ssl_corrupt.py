@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -37,7 +35,7 @@ from detr_ssl.ssl.jigsaw import jigsaw_counts, permutation_sources, permute_patc
 from detr_ssl.ssl.patches import select_tokens, token_masks  # noqa: E402
 from detr_ssl.ssl.updetr import PATCH_SIZE, QUERY_AUGMENT, augment_patches  # noqa: E402
 from detr_ssl.utils.image import denormalize, normalize  # noqa: E402
-from detr_ssl.utils.machine import cpu_name  # noqa: E402
+from detr_ssl.utils.machine import machine_info  # noqa: E402
 
 SIDE = 512
 RATIO = 0.5
@@ -122,10 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     results += [bench_augment(batch, opts) for batch in opts.batch_sizes]
     print(json.dumps({
         "benchmark": "ssl_corrupt", "results": results, "iters": opts.iters,
-        "machine": {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                    "threads": torch.get_num_threads(), "platform": platform.platform(),
-                    **{name: os.environ[name] for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
-                       if name in os.environ}},
+        "machine": machine_info(gpu=False),
         "torch": torch.__version__,
     }, indent=1))
 

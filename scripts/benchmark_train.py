@@ -39,7 +39,6 @@ import importlib
 import importlib.util
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -61,7 +60,7 @@ from detr_ssl.engine.train import weighted_loss  # noqa: E402
 from detr_ssl.methods import METHODS  # noqa: E402
 from detr_ssl.models import build_model  # noqa: E402
 from detr_ssl.ops import seeded_dropout  # noqa: E402
-from detr_ssl.utils.machine import cpu_name  # noqa: E402
+from detr_ssl.utils.machine import machine_info  # noqa: E402
 from detr_ssl.utils.misc import NestedTensor  # noqa: E402
 
 
@@ -330,9 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         **({"peer": opts.peer, "peer_s_per_it": round(other_seconds["peer"], 4), "peer_parameters": peer_parameters,
             "ours_over_peer": round(seconds / other_seconds["peer"], 3)} if "peer" in others else {}),
         "backbone": args.backbone,
-        "machine": {"cpu": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
-                    "threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None},
+        "machine": machine_info(gpu=device.type == "cuda"),
         "torch": torch.__version__,
     }, indent=1))
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import load_script
 
@@ -32,6 +33,7 @@ def test_benchmark_train_times_a_step(capsys, flags):
     assert result["s_per_it"] > 0 and result["s_per_it_min"] <= result["s_per_it"]
     assert result["ssl_task"] == "none" and "overhead" not in result
     assert result["machine"]["threads"] >= 1
+    assert result["machine"]["capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 @pytest.mark.parametrize("flags", [["--ssl_task", "mim_continuous"],
@@ -86,14 +88,18 @@ def test_benchmark_train_times_the_official_model_of_the_same_size(model):
 
 def test_benchmark_matcher_checks_both_implementations_agree(capsys):
     benchmark_matcher.main(["--iters", "2", "--warmup", "1", "--batch_size", "2"])
-    results = printed_json(capsys)["results"]
+    report = printed_json(capsys)
+    results = report["results"]
+    assert report["machine"]["capability"] == torch.backends.cpu.get_cpu_capability()  # every figure names it
     assert [r["queries"] for r in results] == [100, 300]
     assert all(r["same_matches"] and r["ours_ms"] > 0 for r in results)
 
 
 def test_benchmark_eval_reports_identical_stats(capsys):
     benchmark_eval.main(["--images", "3", "--boxes", "10", "--dets", "20", "--repeats", "1"])
-    backends = printed_json(capsys)["backends"]
+    report = printed_json(capsys)
+    backends = report["backends"]
+    assert report["machine"]["capability"] == torch.backends.cpu.get_cpu_capability()
     assert backends["pycocotools"]["speedup_vs_pycocotools"] == 1.0
     for stats in backends.values():
         assert stats["max_abs_diff_precision"] < 1e-12 and stats["max_abs_diff_recall"] < 1e-12
