@@ -28,13 +28,15 @@ with its own matcher and loss, on the same batch, with AdamW at ``--lr`` and the
 checkout's model and criterion the same way: imported from PATH with the run-time shims of
 ``scripts/compare_official.py`` (its CPU path of deformable attention, ``ms_deform_attn_core_pytorch``),
 built by its own parser from the same flags, its frozen BatchNorm statistics measured on the batch.
-``--without LEVER`` times the same step, on the same model, with one of the package's speed levers
-switched off, alternately: ``dropout_kernel`` (``F.dropout`` instead of the CPU dropout kernel of
-``detr_ssl.ops.seeded_dropout``).
+``--without LEVER`` times the same step (same seed and weights, a second model) with one of the
+package's speed levers switched off, alternately: ``dropout_kernel`` (``F.dropout`` instead of the
+CPU dropout kernel of ``detr_ssl.ops.seeded_dropout``), ``fused_adamw`` (AdamW's per-tensor loop
+instead of its fused CPU kernel).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -43,7 +45,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -55,7 +57,7 @@ sys.path.insert(0, str(REPO))
 from detr_ssl.config import MODEL_DEFAULTS, parse_args  # noqa: E402
 from detr_ssl.data import build_dataset, collate_fn  # noqa: E402
 from detr_ssl.engine.amp import amp_dtype, autocast, to_float32  # noqa: E402
-from detr_ssl.engine.optim import build_optimizer  # noqa: E402
+from detr_ssl.engine.optim import build_optimizer, set_fused_on_cpu  # noqa: E402
 from detr_ssl.engine.train import weighted_loss  # noqa: E402
 from detr_ssl.methods import METHODS  # noqa: E402
 from detr_ssl.models import build_model  # noqa: E402
@@ -211,20 +213,29 @@ def pseudo_box_batch(samples: NestedTensor, targets: list[dict], views: int) -> 
     return both, [{**t, "view": 0} for t in pseudo] + [{**t, "view": 1} for t in mirrored]
 
 
-LEVERS: dict[str, Callable[[bool], None]] = {"dropout_kernel": seeded_dropout.set_kernel_enabled}
+LEVERS: dict[str, Callable[[bool], None]] = {"dropout_kernel": seeded_dropout.set_kernel_enabled,
+                                              "fused_adamw": set_fused_on_cpu}
 
 
-def without_lever(step: Callable[[], None], lever: str) -> Callable[[], None]:
-    """``step`` with the speed lever ``lever`` switched off while it runs."""
-    switch = LEVERS[lever]
+@contextlib.contextmanager
+def lever_off(lever: str) -> Iterator[None]:
+    """The package's speed lever ``lever`` switched off inside the block."""
+    LEVERS[lever](False)
+    try:
+        yield
+    finally:
+        LEVERS[lever](True)
+
+
+def training_step_without(lever: str, args: argparse.Namespace, device: torch.device, samples, targets) -> Step:
+    """:func:`training_step`, built (same seed, same weights) and run with ``lever`` off."""
+    with lever_off(lever):
+        step, parameters = training_step(args, device, samples, targets)
 
     def run() -> None:
-        switch(False)
-        try:
+        with lever_off(lever):
             step()
-        finally:
-            switch(True)
-    return run
+    return run, parameters
 
 
 def timed(step: Callable[[], None], synchronize: Callable[[], None]) -> float:
@@ -267,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
                             "fundamentalvision/Deformable-DETR (--model deformable_detr)")
     bench.add_argument("--without", choices=sorted(LEVERS), default=None,
                        help="also time the same step with this speed lever off, alternating, and print "
-                            "our step / that step (dropout_kernel: F.dropout instead of the CPU dropout kernel)")
+                            "our step / that step (dropout_kernel: F.dropout instead of the CPU dropout kernel; "
+                            "fused_adamw: AdamW's per-tensor loop instead of its fused kernel on a CPU)")
     opts, extra = bench.parse_known_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -286,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     if opts.overhead:
         others["plain"], _ = training_step(without_self_supervision(args), device, samples, targets)
     if opts.without:
-        others["without"] = without_lever(step, opts.without)
+        others["without"], _ = training_step_without(opts.without, args, device, samples, targets)
     if opts.peer == "hf":
         others["peer"], peer_parameters = hf_training_step(args, device, samples, targets)
     elif opts.peer == "official":

@@ -49,11 +49,12 @@ def test_benchmark_train_overhead_compares_with_the_plain_step(capsys, flags):
                                     else "none")
 
 
-def test_benchmark_train_times_the_step_without_a_lever_and_switches_it_back_on(capsys):
-    seeded = sys.modules["detr_ssl.ops.seeded_dropout"]
-    benchmark_train.main([*TINY_TRAIN, "--without", "dropout_kernel"])
+@pytest.mark.parametrize("lever", ["dropout_kernel", "fused_adamw"])
+def test_benchmark_train_times_the_step_without_a_lever_and_switches_it_back_on(capsys, lever):
+    seeded, optim = sys.modules["detr_ssl.ops.seeded_dropout"], sys.modules["detr_ssl.engine.optim"]
+    benchmark_train.main([*TINY_TRAIN, "--without", lever])
     result = printed_json(capsys)
-    assert result["without"] == "dropout_kernel" and seeded._use_kernel
+    assert result["without"] == lever and seeded._use_kernel and optim._fused_on_cpu
     assert result["lever_ratio"] == pytest.approx(result["s_per_it"] / result["without_s_per_it"], abs=2e-3)
 
 

@@ -173,6 +173,29 @@ def test_optimizer_groups_follow_official_detr():
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-5, 1e-6])
 
 
+def test_cpu_optimizers_use_the_fused_adamw_kernel_with_the_loops_update(monkeypatch):
+    """On the CPU AdamW runs fused (2.5-3.5x faster there); its update is the per-tensor loop's to float
+    rounding, including weight decay and the backbone's group."""
+    from detr_ssl.engine import optim
+
+    args = train_args(lr=1e-3, lr_backbone=1e-4, weight_decay=1e-2, lr_drop=2)
+    fused_model, loop_model = PerImageDetector(), PerImageDetector()
+    loop_model.load_state_dict(fused_model.state_dict())
+    fused = build_optimizer(fused_model, args)
+    monkeypatch.setattr(optim, "_fused_on_cpu", False)
+    loop = build_optimizer(loop_model, args)
+    assert all(g["fused"] for g in fused.param_groups) and not any(g["fused"] for g in loop.param_groups)
+    torch.manual_seed(0)
+    for _ in range(5):
+        for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluation
 

@@ -85,6 +85,15 @@ def _recipe(args: argparse.Namespace) -> tuple[float, bool]:
     return getattr(args, "layer_decay", 1.0), getattr(args, "no_decay_norm_bias", False)
 
 
+_fused_on_cpu = True
+
+
+def set_fused_on_cpu(enabled: bool) -> None:
+    """Build CPU optimizers with AdamW's fused kernel (the default) or its per-tensor loop (for A/B timings)."""
+    global _fused_on_cpu
+    _fused_on_cpu = enabled
+
+
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
     """AdamW with the official parameter groups, in the official order so that optimizer states
     of official checkpoints line up.
@@ -93,6 +102,9 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.A
     the CNN (``backbone.0``) at ``--lr_backbone``, and the sampling-offset and reference-point
     layers at ``--lr`` x ``--lr_linear_proj_mult``. With ``--layer_decay`` or
     ``--no_decay_norm_bias`` each of these splits by layer and decay (:func:`recipe_groups`).
+    Parameters on the CPU get AdamW's fused kernel: the same update (to float rounding) in a
+    fraction of the per-tensor loop's time (24 against 60-83 ms a step for DETR-R50 / Deformable
+    DETR-R50 on a 2-core EPYC, docs/benchmarks.md); elsewhere torch's default implementation.
     """
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     lrs = [args.lr, args.lr_backbone, args.lr * getattr(args, "lr_linear_proj_mult", 1.0)]
@@ -105,7 +117,9 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.A
             official[_official_group(name, args)].append(p)
         param_groups = [{"params": params, **({"lr": lrs[i]} if i else {})} for i, params in enumerate(official)]
     betas = tuple(getattr(args, "adam_betas", (0.9, 0.999)))  # namespaces saved before the flag: AdamW's default
-    return torch.optim.AdamW(param_groups, lr=args.lr, betas=betas, weight_decay=args.weight_decay)
+    fused = _fused_on_cpu and all(p.device.type == "cpu" for _, p in trainable)
+    return torch.optim.AdamW(param_groups, lr=args.lr, betas=betas, weight_decay=args.weight_decay,
+                             **({"fused": True} if fused else {}))
 
 
 def recipe_groups(trainable: list[tuple[str, nn.Parameter]], args: argparse.Namespace, lrs: list[float],
