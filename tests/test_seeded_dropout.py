@@ -213,7 +213,7 @@ def test_models_train_through_it_with_their_keys_unchanged(kernel, drawn, coco_b
 # ---------------------------------------------------------------- attention
 
 
-@pytest.mark.parametrize("masks", ["none", "key_padding", "bool_attn_mask", "float_per_head_mask"])
+@pytest.mark.parametrize("masks", ["none", "key_padding", "bool_attn_mask", "float_per_head_mask", "self_attention"])
 def test_attention_path_computes_what_multihead_attention_does(kernel, monkeypatch, masks):
     """Our attention path, its dropout made the identity, against nn.MultiheadAttention's own forward
     without dropout: outputs and gradients of inputs and parameters, with each kind of mask."""
@@ -238,9 +238,10 @@ def test_attention_path_computes_what_multihead_attention_does(kernel, monkeypat
     def run(module_forward):
         inputs = [t.clone().requires_grad_() for t in (query, key, value)]
         ours.zero_grad()
-        out = module_forward(*inputs)
+        q, k, v = inputs
+        out = module_forward(q, q, q) if masks == "self_attention" else module_forward(q, k, v)
         out.square().sum().backward()
-        return out, [t.grad for t in inputs] + [p.grad.clone() for p in ours.parameters()]
+        return out, [t.grad for t in inputs if t.grad is not None] + [p.grad.clone() for p in ours.parameters()]
 
     identity_calls = []
     monkeypatch.setattr(seeded, "dropout", lambda x, p, training: identity_calls.append(p) or x)

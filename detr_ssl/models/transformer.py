@@ -40,7 +40,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                                     key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> Tensor:
         """softmax(q k^T / sqrt(d) + masks), dropped out, times v: the computation of the parent's
         forward, batch-first, with boolean masks (True = not attended) or additive float ones."""
-        batch, queries, width = query.shape
+        batch, _, width = query.shape
         heads = self.num_heads
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
@@ -48,8 +48,11 @@ class MultiheadAttention(nn.MultiheadAttention):
         def split_heads(x: Tensor) -> Tensor:
             return x.unflatten(-1, (heads, width // heads)).transpose(1, 2)  # (B, heads, L, d)
 
-        q, k, v = split_heads(F.linear(query, w_q, b_q)), split_heads(F.linear(key, w_k, b_k)), \
-            split_heads(F.linear(value, w_v, b_v))
+        if key is query:  # self-attention: one product for both projections
+            q, k = F.linear(query, self.in_proj_weight[:2 * width], self.in_proj_bias[:2 * width]).chunk(2, dim=-1)
+        else:
+            q, k = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k)
+        q, k, v = split_heads(q), split_heads(k), split_heads(F.linear(value, w_v, b_v))
         scores = (q * (width // heads) ** -0.5) @ k.transpose(-2, -1)
         if attn_mask is not None:
             mask = attn_mask if attn_mask.dim() == 2 else attn_mask.view(batch, heads, *attn_mask.shape[-2:])
