@@ -14,6 +14,7 @@ from detr_ssl.engine.amp import autocast, to_float32
 from detr_ssl.engine.optim import build_optimizer
 from detr_ssl.models import build_model
 from detr_ssl.models.criterion import SetCriterion
+from detr_ssl.models.deformable_transformer import padding_or_none, sampling_locations
 from detr_ssl.models.matcher import HungarianMatcher
 from detr_ssl.models.postprocess import PostProcessSigmoid
 from detr_ssl.ops import available_backends
@@ -205,3 +206,38 @@ def test_two_stage_with_more_queries_than_encoder_tokens_says_what_to_change(coc
     small = torch.nn.functional.interpolate(coco_images[0][None], size=(96, 128))[0]  # 252 tokens on 3 levels
     with pytest.raises(ValueError, match=r"picks 900 proposals .* give only \d+: use larger images"):
         model.eval()([small])
+
+
+@pytest.mark.parametrize("coordinates", [2, 4])
+def test_sampling_locations_follow_the_official_formula(coordinates):
+    """Levels of odd sizes (1/W not a power of two): locations and their gradients agree with the
+    official expressions to float rounding."""
+    torch.manual_seed(0)
+    shapes = torch.tensor([[50, 67], [25, 34], [13, 17]])
+    offsets = (torch.randn(2, 11, 4, 3, 4, 2) * 3).requires_grad_()
+    references = torch.rand(2, 11, 3, coordinates, requires_grad=True)
+    if coordinates == 2:
+        normalizer = torch.stack([shapes[..., 1], shapes[..., 0]], -1)
+        official = references[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    else:
+        official = (references[:, :, None, :, None, :2]
+                    + offsets / 4 * references[:, :, None, :, None, 2:] * 0.5)
+    ours = sampling_locations(references, offsets, shapes)
+    torch.testing.assert_close(ours, official, rtol=0, atol=5e-7)
+    upstream = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad(ours, (offsets, references), upstream)
+    official_grads = torch.autograd.grad(official, (offsets, references), upstream)
+    for mine, theirs in zip(ours_grads, official_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="end in 2 or 4 coordinates"):
+        sampling_locations(references[..., :1], offsets, shapes)
+
+
+def test_values_are_masked_only_where_something_is_padded():
+    unpadded, padded = torch.zeros(2, 30, dtype=torch.bool), torch.zeros(2, 30, dtype=torch.bool)
+    padded[1, -3:] = True
+    assert padding_or_none(unpadded) is None
+    assert padding_or_none(padded) is padded
+    assert padding_or_none(None) is None
+    traced = torch.jit.trace(lambda mask: padding_or_none(mask).float(), unpadded, check_trace=False)  # kept
+    assert traced(padded).sum() == 3

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..utils.misc import is_tracing
+
 logger = logging.getLogger("detr_ssl")
 
 _SEED_RANGE = 2**63 - 1
@@ -37,7 +39,7 @@ def set_kernel_enabled(enabled: bool) -> None:
 def applies(input: Tensor, p: float, training: bool = True, inplace: bool = False) -> bool:
     """Whether :func:`dropout` with these arguments runs the CPU kernel (builds it on first use)."""
     if not (training and 0.0 < p < 1.0 and not inplace and input.device.type == "cpu" and input.numel()
-            and input.is_floating_point() and _use_kernel) or _tracing():
+            and input.is_floating_point() and _use_kernel) or is_tracing():
         return False
     return _cpu_kernel() is not None
 
@@ -71,10 +73,6 @@ class _SeededDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         return _SeededDropout.apply(grad_output, ctx.kernel, ctx.p, ctx.seed), None, None, None
-
-
-def _tracing() -> bool:
-    return torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 def _cpu_kernel():

@@ -72,3 +72,9 @@ def upcast_half(tensor: Tensor) -> Tensor:
     """float16/bfloat16 to float32 (for numerically sensitive steps under AMP); other dtypes unchanged,
     so float64 checks against the official code stay in float64."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def is_tracing() -> bool:
+    """Whether this call is being scripted, traced (ONNX) or compiled: shortcuts that look at
+    tensor values (is anything padded?) or call compiled CPU kernels must not be baked into a graph."""
+    return torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
