@@ -31,8 +31,8 @@ def kernel():
 def drawn(monkeypatch):
     """Counts the calls that reach the kernel."""
     calls = []
-    apply = seeded._SeededDropout.apply
-    monkeypatch.setattr(seeded._SeededDropout, "apply", lambda *a: calls.append(a[0].shape) or apply(*a))
+    for function in (seeded._SeededDropout, seeded._SeededReluDropout):
+        monkeypatch.setattr(function, "apply", lambda *a, apply=function.apply: calls.append(a[0].shape) or apply(*a))
     return calls
 
 
@@ -130,6 +130,44 @@ def test_gradcheck_and_gradgradcheck(kernel):
         return dropout(t, 0.3)
     assert torch.autograd.gradcheck(fn, (x,))
     assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+# ---------------------------------------------------------------- relu and dropout in one pass
+
+
+def test_relu_dropout_is_dropout_of_relu_with_its_gradient(kernel):
+    x = torch.randn(300, 70)
+    x[0, :5] = 0.0  # relu's gradient at 0 is 0, as in torch
+    fused_input, plain_input = x.clone().requires_grad_(), x.clone().requires_grad_()
+    upstream = torch.randn_like(x)
+    torch.manual_seed(9)
+    fused = seeded.relu_dropout(fused_input, 0.3)
+    torch.manual_seed(9)
+    plain = dropout(F.relu(plain_input), 0.3)
+    assert torch.equal(fused, plain)
+    fused.backward(upstream)
+    plain.backward(upstream)
+    assert torch.equal(fused_input.grad, plain_input.grad)
+    assert torch.isnan(seeded.relu_dropout(torch.full((100,), float("nan")), 0.5)).all()
+
+    def fn(t):
+        torch.manual_seed(11)  # the same mask on every evaluation
+        return seeded.relu_dropout(t, 0.3)
+    assert torch.autograd.gradcheck(fn, (torch.randn(40, 3, dtype=torch.float64, requires_grad=True),))
+
+
+def test_relu_dropout_is_f_relu_and_f_dropout_where_the_kernel_does_not_apply(kernel, drawn):
+    x = torch.randn(100)
+    assert torch.equal(seeded.relu_dropout(x, 0.5, training=False), F.relu(x))
+    assert torch.equal(seeded.relu_dropout(x, 0.0), F.relu(x))
+    seeded.set_kernel_enabled(False)
+    try:
+        torch.manual_seed(3)
+        ours = seeded.relu_dropout(x, 0.2)
+    finally:
+        seeded.set_kernel_enabled(True)
+    torch.manual_seed(3)
+    assert torch.equal(ours, F.dropout(F.relu(x), 0.2)) and drawn == []
 
 
 # ---------------------------------------------------------------- where it is F.dropout

@@ -91,7 +91,10 @@ class FeedForwardMixin:
         self.activation = ACTIVATIONS[activation]
 
     def ffn(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        hidden = self.linear1(x)
+        if self.activation is F.relu:  # one pass, and no activation stored for the backward pass
+            return self.linear2(seeded_dropout.relu_dropout(hidden, self.dropout.p, self.training))
+        return self.linear2(self.dropout(self.activation(hidden)))
 
 
 class TransformerEncoderLayer(FeedForwardMixin, nn.Module):

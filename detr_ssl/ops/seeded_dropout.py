@@ -7,7 +7,8 @@ from a hash of (seed, i) instead, one seed per call from torch's generator (so `
 repeats a run): the CPU kernel hashes on all threads, vectorised, and the backward pass recomputes
 the mask from the seed rather than storing it. Each element is kept with probability 1 - p (to
 within 2^-32) and scaled by 1 / (1 - p), as by ``F.dropout``; the random numbers differ, and do not
-depend on the number of threads.
+depend on the number of threads. :func:`relu_dropout` does the FFN's relu in the same pass and
+needs only its output for the backward pass.
 
 Everywhere else it is ``F.dropout``: CUDA (whose dropout is already fused), in-place dropout, p of 0
 or 1, scripting, tracing and ``torch.compile``, and a machine where the CPU kernels cannot be built
@@ -20,6 +21,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..utils.misc import is_tracing
 
@@ -54,6 +56,17 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     return _SeededDropout.apply(input, kernel, float(p), seed)
 
 
+def relu_dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
+    """``F.dropout(F.relu(input), p, training)``, in one pass where the CPU kernel applies: the FFN's
+    activation and dropout. Its backward reads only the output, which the next linear layer keeps
+    anyway, so neither the activation nor a mask is stored."""
+    if not applies(input, p, training):
+        return F.dropout(F.relu(input), p, training)
+    kernel = _cpu_kernel()
+    seed = int(torch.randint(_SEED_RANGE, ()).item())
+    return _SeededReluDropout.apply(input, kernel, float(p), seed)
+
+
 class Dropout(nn.Dropout):
     """``nn.Dropout`` through :func:`dropout`: the same arguments, no parameters or buffers, so state
     dicts are unchanged."""
@@ -73,6 +86,24 @@ class _SeededDropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         return _SeededDropout.apply(grad_output, ctx.kernel, ctx.p, ctx.seed), None, None, None
+
+
+class _SeededReluDropout(torch.autograd.Function):
+    """An element of the output is positive exactly where it passed both the relu and the mask, so
+    the output alone gives the gradient."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, kernel, p: float, seed: int) -> Tensor:
+        output = kernel.seeded_relu_dropout(input, p, seed)
+        ctx.kernel, ctx.p = kernel, p
+        ctx.save_for_backward(output)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        (output,) = ctx.saved_tensors
+        return ctx.kernel.relu_dropout_backward(grad_output, output, ctx.p), None, None, None
 
 
 def _cpu_kernel():

@@ -12,5 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "multi-scale deformable attention, backward: (grad_value, grad_locations, grad_weights)");
 #ifdef DETR_SSL_CPU_KERNELS
   module.def("seeded_dropout", &detr_ssl::seeded_dropout, "dropout with the mask a hash of (seed, index)");
+  module.def("seeded_relu_dropout", &detr_ssl::seeded_relu_dropout, "seeded_dropout of relu(input), one pass");
+  module.def("relu_dropout_backward", &detr_ssl::relu_dropout_backward,
+             "gradient of seeded_relu_dropout from its output");
 #endif
 }
