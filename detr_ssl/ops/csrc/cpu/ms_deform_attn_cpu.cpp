@@ -7,6 +7,8 @@
 // at batch 2) is plenty of tasks for a CPU's cores.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+
 #include "../ms_deform_attn.h"
 #include "../sampling.h"
 
@@ -45,6 +47,7 @@ void forward_kernel(const Sizes& s, const scalar_t* value, const int64_t* shapes
       const int64_t n = row / s.queries;
       for (int64_t m = 0; m < s.heads; ++m) {
         scalar_t* out = output + (row * s.heads + m) * s.channels;
+        std::fill_n(out, s.channels, scalar_t(0));  // here rather than a zeros pass over the whole output
         int64_t point = (row * s.heads + m) * s.levels * s.points;
         for (int64_t l = 0; l < s.levels; ++l) {
           const scalar_t* level = value + ((n * s.values + starts[l]) * s.heads + m) * s.channels;
@@ -115,7 +118,7 @@ at::Tensor ms_deform_attn_forward(const at::Tensor& value, const at::Tensor& spa
                                   const at::Tensor& attention_weights) {
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   check_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, s);
-  at::Tensor output = at::zeros({s.batch, s.queries, s.heads * s.channels}, value.options());
+  at::Tensor output = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
     forward_kernel<scalar_t>(s, value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
                              level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<scalar_t>(),
@@ -131,9 +134,9 @@ std::vector<at::Tensor> ms_deform_attn_backward(const at::Tensor& value, const a
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   check_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, s);
   check_grad_output(grad_output, value, s);
-  at::Tensor grad_value = at::zeros_like(value);
-  at::Tensor grad_locations = at::zeros_like(sampling_locations);
-  at::Tensor grad_weights = at::zeros_like(attention_weights);
+  at::Tensor grad_value = at::zeros_like(value);  // accumulated; the other two are written once per point
+  at::Tensor grad_locations = at::empty_like(sampling_locations);
+  at::Tensor grad_weights = at::empty_like(attention_weights);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     backward_kernel<scalar_t>(s, value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
                               level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<scalar_t>(),
