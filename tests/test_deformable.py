@@ -233,6 +233,7 @@ def test_sampling_locations_follow_the_official_formula(coordinates):
         sampling_locations(references[..., :1], offsets, shapes)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace: what the ONNX exporter uses
 def test_values_are_masked_only_where_something_is_padded():
     unpadded, padded = torch.zeros(2, 30, dtype=torch.bool), torch.zeros(2, 30, dtype=torch.bool)
     padded[1, -3:] = True
