@@ -16,7 +16,8 @@ import torch
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # What bfloat16 autocast cost on a CPU that emulates it, as measured on a 2-core AVX2 EPYC (issue 17):
 # a DETR-R50 step 79.6 s instead of 5.5 s, a small model 2.1x.
-EMULATED_BF16_COST = "2-15x slower than float32 (a DETR-R50 step: 79.6 s instead of 5.5 s on an AVX2 EPYC)"
+EMULATED_BF16_COST = ("2-19x slower than float32 (a DETR-R50 step: 79.6 s instead of 5.5 s on an AVX2 EPYC, "
+                      "34.4 s instead of 1.84 s on an AVX-512 EPYC's AVX2 path)")
 
 
 def cpu_has_native_bfloat16() -> bool:
