@@ -112,3 +112,14 @@ def test_benchmark_eval_reports_identical_stats(capsys):
     assert backends["pycocotools"]["speedup_vs_pycocotools"] == 1.0
     for stats in backends.values():
         assert stats["max_abs_diff_precision"] < 1e-12 and stats["max_abs_diff_recall"] < 1e-12
+
+
+def test_machine_info_names_the_isa_variables_that_were_set(monkeypatch):
+    from detr_ssl.utils.machine import machine_info
+
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")  # MKL's GEMMs ignore the other two
+    info = machine_info(gpu=False)
+    assert info["MKL_ENABLE_INSTRUCTIONS"] == "AVX2" and "ONEDNN_MAX_CPU_ISA" not in info
+    assert info["capability"] == torch.backends.cpu.get_cpu_capability() and info["gpu"] is None

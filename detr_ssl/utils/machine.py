@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-# Variables that make an AVX-512 machine take PyTorch's / oneDNN's AVX2 paths (docs/benchmarks.md).
-ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+# Variables that make an AVX-512 machine take PyTorch's / oneDNN's / MKL's AVX2 paths (docs/benchmarks.md):
+# MKL, which computes float32 matrix products, ignores the first two.
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def cpu_name() -> str:
