@@ -51,9 +51,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     CPU kernel computes it."""
     if not applies(input, p, training, inplace):
         return F.dropout(input, p, training, inplace)
-    kernel = _cpu_kernel()
-    seed = int(torch.randint(_SEED_RANGE, ()).item())
-    return _SeededDropout.apply(input, kernel, float(p), seed)
+    return _with_fresh_seed(_SeededDropout, input, p)
 
 
 def relu_dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
@@ -62,9 +60,14 @@ def relu_dropout(input: Tensor, p: float = 0.5, training: bool = True) -> Tensor
     anyway, so neither the activation nor a mask is stored."""
     if not applies(input, p, training):
         return F.dropout(F.relu(input), p, training)
-    kernel = _cpu_kernel()
+    return _with_fresh_seed(_SeededReluDropout, input, p)
+
+
+def _with_fresh_seed(function: type[torch.autograd.Function], input: Tensor, p: float) -> Tensor:
+    """``function`` through the CPU kernel with this call's seed, drawn from torch's generator (so
+    ``torch.manual_seed`` repeats it)."""
     seed = int(torch.randint(_SEED_RANGE, ()).item())
-    return _SeededReluDropout.apply(input, kernel, float(p), seed)
+    return function.apply(input, _cpu_kernel(), float(p), seed)
 
 
 class Dropout(nn.Dropout):
